@@ -1,0 +1,79 @@
+"""BatchTopK coder (Bussmann et al. 2024, "BatchTopK sparse autoencoders").
+
+Training mode: keep the k*B largest ReLU'd pre-activations of the whole batch [B, F], so tokens
+share a budget of k features on average instead of exactly k each.
+Inference cannot depend on the rest of the batch, so the coder learns a global threshold:
+after every training-mode batch, under no_grad,
+    threshold <- momentum * threshold + (1 - momentum) * (smallest positive kept activation)
+(the first batch sets it directly; momentum = 0.99). Eval mode then uses the JumpReLU-like rule
+    acts = pre_acts * (pre_acts > threshold),
+whose L0 on the training distribution is close to k. `threshold` is a saved buffer; it is -1 until
+the first training-mode batch, and an uncalibrated coder in eval mode falls back to batch top-k
+with a warning.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from monosemantic.coders.base import SparseCoder
+from monosemantic.coders.config import CoderConfig
+from monosemantic.coders.registry import register
+
+logger = logging.getLogger(__name__)
+
+MOMENTUM = 0.99
+
+
+@register("batchtopk")
+class BatchTopKCoder(SparseCoder):
+    uses_k = True
+    penalties = ("none",)
+    default_penalty = "none"
+
+    def __init__(self, cfg: CoderConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=dtype))
+        self._warned = False
+
+    def _batch_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, F] -> (acts [B, F], the kept values [k*B])."""
+        flat = F.relu(pre_acts).flatten()
+        vals, idx = flat.topk(min(self.cfg.k * pre_acts.shape[0], flat.numel()), sorted=False)
+        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_acts), vals
+
+    def _activate(self, pre_acts: Tensor) -> Tensor:
+        if self.training:
+            acts, kept = self._batch_topk(pre_acts)
+            self._update_threshold(kept.detach())
+            return acts
+        if self.threshold < 0:
+            if not self._warned:
+                logger.warning("BatchTopK threshold is uncalibrated (no training-mode batch yet); "
+                               "falling back to batch top-k selection in eval mode")
+                self._warned = True
+            return self._batch_topk(pre_acts)[0]
+        return pre_acts * (pre_acts > self.threshold)
+
+    @torch.no_grad()
+    def _update_threshold(self, kept: Tensor) -> None:
+        positive = kept[kept > 0]
+        if positive.numel() == 0:
+            return
+        low = positive.min().to(self.threshold.dtype)
+        if self.threshold < 0:
+            self.threshold.copy_(low)
+        else:
+            self.threshold.mul_(MOMENTUM).add_((1 - MOMENTUM) * low)
+
+    @torch.no_grad()
+    def _rescale_features(self, c: Tensor) -> None:
+        self._require_uniform(c, "the batch selection and the single threshold compare features")
+        super()._rescale_features(c)
+        if self.threshold >= 0:
+            self.threshold.mul_(c.mean())
