@@ -29,7 +29,8 @@ def cache_dir() -> Path:
     return path
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -46,11 +47,11 @@ def _atomic(path: str | os.PathLike, write: Callable[[Any], None], mode: str) ->
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    _atomic(path, lambda f: f.write(data), "wb")
+    atomic_write(path, lambda f: f.write(data), "wb")
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    _atomic(path, lambda f: f.write(text), "w")
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

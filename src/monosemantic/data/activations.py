@@ -1,0 +1,125 @@
+"""Harvest activations: one forward pass feeds any number of hookpoints.
+
+`harvest` packs a corpus into contexts, runs the model in batches only as far as the deepest
+hookpoint, drops excluded positions (special tokens by default) and yields `ActivationChunk`s:
+one [N, D] float tensor per hookpoint for the N kept tokens, with their token ids and their
+(context, position) coordinates. Training can consume the chunks directly (through a
+`ShuffleBuffer`), or `monosemantic.data.cache` writes them to disk.
+
+Shapes: B contexts per batch, T context length, D hookpoint width, N kept tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hooks import run_to_hookpoints
+from .tokens import iter_contexts, keep_mask
+
+
+@dataclass
+class ActivationChunk:
+    """Activations of the kept tokens of a batch of contexts."""
+
+    acts: dict[str, Tensor]
+    """hookpoint -> [N, D] activations."""
+    tokens: Tensor
+    """[N] token ids."""
+    coords: Tensor
+    """[N, 2] int64: (context index, position in context) of each token."""
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def slice(self, start: int, stop: int) -> "ActivationChunk":
+        return ActivationChunk({h: a[start:stop] for h, a in self.acts.items()},
+                               self.tokens[start:stop], self.coords[start:stop])
+
+
+def batched_contexts(tokenizer, documents: list[str], ctx_len: int, bos_id: int,
+                     batch_size: int, skip_contexts: int = 0) -> Iterator[tuple[int, Tensor]]:
+    """Yield (index of the first context, [B, T] token batch), skipping the first contexts."""
+    batch: list[np.ndarray] = []
+    first = skip_contexts
+    for i, ctx in enumerate(iter_contexts(tokenizer, documents, ctx_len, bos_id)):
+        if i < skip_contexts:
+            continue
+        batch.append(ctx)
+        if len(batch) == batch_size:
+            yield first, torch.from_numpy(np.stack(batch))
+            first += batch_size
+            batch = []
+    if batch:
+        yield first, torch.from_numpy(np.stack(batch))
+
+
+@torch.no_grad()
+def harvest_batch(model, tokens: Tensor, hookpoints: list[str], exclude_ids: list[int],
+                  first_context: int = 0) -> ActivationChunk:
+    """Run one [B, T] batch to the deepest hookpoint and keep the non-excluded positions."""
+    device = next(model.parameters()).device
+    acts = run_to_hookpoints(model, tokens.to(device), hookpoints)
+    mask = keep_mask(tokens, exclude_ids)
+    flat_mask = mask.reshape(-1).to(device)
+    kept = {h: a.reshape(-1, a.shape[-1])[flat_mask].float().cpu() for h, a in acts.items()}
+    rows, cols = mask.nonzero(as_tuple=True)
+    coords = torch.stack([rows + first_context, cols], dim=1)
+    return ActivationChunk(kept, tokens[mask], coords)
+
+
+def harvest(model, tokenizer, documents: list[str], hookpoints: list[str], ctx_len: int,
+            bos_id: int, batch_size: int, exclude_ids: list[int],
+            skip_contexts: int = 0) -> Iterator[ActivationChunk]:
+    """Stream activation chunks for a corpus, one per batch of contexts."""
+    for first, tokens in batched_contexts(tokenizer, documents, ctx_len, bos_id, batch_size,
+                                          skip_contexts):
+        yield harvest_batch(model, tokens, hookpoints, exclude_ids, first)
+
+
+class ShuffleBuffer:
+    """Mix a stream of activation chunks into shuffled batches of `batch_size` tokens.
+
+    Chunks accumulate until the buffer holds `buffer_tokens`; then the buffer is permuted, its
+    first half is served as batches, and the second half stays to mix with what comes next
+    (SAELens' mixing buffer). The remainder is served shuffled when the stream ends.
+    Deterministic for a given `seed` and stream.
+    """
+
+    def __init__(self, chunks: Iterator[ActivationChunk], batch_size: int,
+                 buffer_tokens: int = 65536, seed: int = 0):
+        if buffer_tokens < 2 * batch_size:
+            raise ValueError(f"buffer_tokens ({buffer_tokens}) must be at least twice batch_size "
+                             f"({batch_size}) to mix anything")
+        self.chunks, self.batch_size, self.buffer_tokens = chunks, batch_size, buffer_tokens
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        held: list[dict[str, Tensor]] = []
+        n_held = 0
+        for chunk in self.chunks:
+            held.append(chunk.acts)
+            n_held += len(chunk)
+            if n_held >= self.buffer_tokens:
+                buf = self._shuffled(held)
+                n_serve = (n_held // 2) // self.batch_size * self.batch_size
+                yield from self._batches(buf, n_serve)
+                held = [{h: a[n_serve:] for h, a in buf.items()}]
+                n_held -= n_serve
+        if n_held:
+            buf = self._shuffled(held)
+            yield from self._batches(buf, n_held)
+
+    def _shuffled(self, held: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        cat = {h: torch.cat([c[h] for c in held]) for h in held[0]}
+        perm = torch.randperm(next(iter(cat.values())).shape[0], generator=self.generator)
+        return {h: a[perm] for h, a in cat.items()}
+
+    def _batches(self, buf: dict[str, Tensor], n: int) -> Iterator[dict[str, Tensor]]:
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            yield {h: a[start:stop] for h, a in buf.items()}
