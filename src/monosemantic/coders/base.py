@@ -185,13 +185,16 @@ class SparseCoder(nn.Module):
         reconstruct the main residual (target - out), decoded without b_dec. Returns the MSE
         divided by the residual's variance (0 when no feature is dead). The residual is detached,
         so only dead features' pre-activations and decoder rows get gradient. `out` is the main
-        output for x (recomputed without grad when None)."""
+        output for x; pass it to save a second forward (recomputed without grad when None)."""
         n_dead = int(dead_mask.sum())
         if n_dead == 0 or k_aux < 1:
             return pre_acts.new_zeros(())
         if out is None:
             with torch.no_grad():
+                saved = [b.clone() for b in self.buffers()]  # don't count x twice (batchtopk)
                 out = self.forward(x).out
+                for b, s in zip(self.buffers(), saved):
+                    b.copy_(s)
         residual = (target - out).detach()
         masked = pre_acts.masked_fill(~dead_mask.to(pre_acts.device), float("-inf"))
         vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)

@@ -18,6 +18,8 @@ can still recover.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
@@ -101,6 +103,4 @@ class JumpReLUCoder(SparseCoder):
 
     def _after_fold_scale(self, out_scale: float) -> None:
         # pre-activations are now 1/out_scale times the training ones: so is the kernel width
-        import dataclasses
-
         self.cfg = dataclasses.replace(self.cfg, jumprelu_bandwidth=self.cfg.jumprelu_bandwidth / out_scale)
