@@ -1,0 +1,158 @@
+"""Training configuration: one frozen dataclass, and a resolved object for derived values.
+
+Defaults follow Gao et al. 2024 ("Scaling and evaluating sparse autoencoders") for the top-k family
+(Adam, auto LR 2e-4 / sqrt(F / 2^14), AuxK with k_aux = D/2 and coefficient 1/32, dead after 10 M
+tokens or a tenth of the budget, whichever is smaller) and Anthropic's April 2024 update for the
+penalty family (L1 weighted by decoder norms, coefficient warm-up over the first 5%, LR decay to 0
+over the last 20%, resampling of dead features).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    activation: str = "topk"
+    """Architecture: topk, batchtopk, jumprelu, gated or relu."""
+    kind: str = "sae"
+    """sae (reconstruct the hookpoint), transcoder (predict --out-hookpoint from the hookpoint) or
+    skip_transcoder (a transcoder with a linear skip path)."""
+    n_features: int = 0
+    """Number of features; 0 means expansion x the input width."""
+    expansion: int = 16
+    """Features per input dimension, used when n_features is 0."""
+    k: int = 32
+    """Active features per token (topk, batchtopk); ignored by the penalty architectures."""
+    penalty: str = "auto"
+    """Sparsity penalty for relu/gated/jumprelu: l1 (activations x decoder norms), lp (the same to
+    the power p < 1), l0 (jumprelu's straight-through count) or auto (architecture default)."""
+    coef: float = 0.0
+    """Sparsity coefficient multiplying the penalty; required (> 0) for relu/gated/jumprelu.
+    Typical: l1 ~ 1-5 on normalised inputs, jumprelu l0 ~ 1e-3 to 1e-2."""
+    coef_warmup: float = 0.05
+    """Fraction of the steps over which the coefficient ramps linearly from 0."""
+    p: float = 1.0
+    """Exponent of the lp penalty (0 < p <= 1)."""
+    p_end: float = 0.0
+    """If > 0, anneal p linearly from p to p_end over training (Wright & Sharkey); 0 = constant."""
+    tokens: int = 1_000_000
+    """Training budget in tokens."""
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    lr: float = 0.0
+    """Learning rate; 0 = automatic, 2e-4 / sqrt(n_features / 2^14) (Gao et al. 2024)."""
+    lr_warmup: float = 0.01
+    """Fraction of steps of linear LR warm-up."""
+    lr_decay: float = 0.2
+    """Fraction of steps at the end over which the LR decays linearly to 0."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    init: str = "transpose"
+    """Initialisation of the directions: transpose (decoder = encoder transpose), data (rows drawn
+    from activations) or random."""
+    bias_init: str = "geometric_median"
+    """Initial decoder bias: geometric_median, mean or zero."""
+    normalize: bool = True
+    """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights)."""
+    outlier_multiple: float = 10.0
+    """Tokens whose norm exceeds this multiple of the median norm are left out of training and
+    counted in the metrics (0 = keep every token)."""
+    dead_tokens: int = 0
+    """A feature is dead after this many tokens without firing; 0 = min(10 M, tokens / 10)."""
+    auxk_coef: float = 1 / 32
+    """AuxK loss coefficient (top-k family)."""
+    k_aux: int = 0
+    """Dead features AuxK may use per token; 0 = input width / 2."""
+    resample_every: int = 0
+    """Resample dead features of penalty architectures every this many steps (0 = at 1/4, 1/2 and
+    3/4 of training when the architecture has a penalty; -1 = never)."""
+    seed: int = 0
+    """Seed of initialisation and data order."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (a killed run resumes from the last one)."""
+    log_every: int = 10
+    """Steps between progress-bar / W&B updates."""
+    wandb_project: str = ""
+    """Log to this Weights & Biases project (needs the wandb extra); empty = off."""
+
+    def __post_init__(self):
+        if self.activation in PENALTY_ACTIVATIONS and not self.coef > 0:
+            raise ValueError(f"coef={self.coef}: activation={self.activation!r} is trained with a "
+                             "sparsity penalty whose coefficient must be > 0 (e.g. --coef 2 for "
+                             "l1, --coef 0.005 for jumprelu's l0); or use --activation topk")
+        for name in ("tokens", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.tokens < self.batch_size:
+            raise ValueError(f"tokens={self.tokens} is less than one batch ({self.batch_size})")
+        for name in ("coef_warmup", "lr_warmup", "lr_decay"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a fraction in [0, 1]")
+        if self.lr < 0:
+            raise ValueError(f"lr={self.lr} must be >= 0 (0 = automatic)")
+        if self.n_features < 0 or self.expansion < 1:
+            raise ValueError("n_features must be >= 0 and expansion >= 1")
+        if not 0 < self.p <= 1 or not 0 <= self.p_end <= 1:
+            raise ValueError(f"p={self.p} and p_end={self.p_end} must lie in (0, 1]")
+        if self.outlier_multiple < 0:
+            raise ValueError(f"outlier_multiple={self.outlier_multiple} must be >= 0 (0 = off)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown training options {sorted(unknown)}")
+        return cls(**d)
+
+    def resolve(self, d_in: int) -> "Resolved":
+        n_features = self.n_features or self.expansion * d_in
+        steps = self.tokens // self.batch_size
+        lr = self.lr or 2e-4 / math.sqrt(n_features / 2**14)
+        dead = self.dead_tokens or min(10_000_000, max(self.tokens // 10, self.batch_size))
+        if self.resample_every > 0:
+            resample = tuple(range(self.resample_every, steps, self.resample_every))
+        elif self.resample_every == 0 and self.activation in PENALTY_ACTIVATIONS:
+            resample = tuple(sorted({steps // 4, steps // 2, 3 * steps // 4} - {0}))
+        else:
+            resample = ()
+        return Resolved(n_features=n_features, steps=steps, lr=lr, dead_tokens=dead,
+                        k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Values derived from a TrainConfig and the input width."""
+
+    n_features: int
+    steps: int
+    lr: float
+    dead_tokens: int
+    k_aux: int
+    resample_steps: tuple[int, ...]
+
+
+def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:
+    """Linear warm-up over the first `warmup` fraction, linear decay to 0 over the last `decay`."""
+    w, d = int(warmup * steps), int(decay * steps)
+    if w and step < w:
+        return (step + 1) / w
+    if d and step >= steps - d:
+        return max(0.0, (steps - step) / d)
+    return 1.0
+
+
+def ramp(step: int, steps: int, frac: float) -> float:
+    w = int(frac * steps)
+    return 1.0 if w == 0 or step >= w else (step + 1) / w

@@ -1,0 +1,337 @@
+"""The training loop: several coders from one pass over the activations.
+
+Every step, each coder takes the same batch (its own input hookpoint, and for a transcoder its
+output hookpoint):
+  1. check the batch is finite (else stop before any weight changes, naming hookpoint/row/dim);
+  2. drop outlier tokens (norm > outlier_multiple x the median norm measured at start) and count them;
+  3. scale by the normalisation constants (E||x||^2 = D), forward, and compute
+       loss = ||y - y_hat||^2 (summed over dims, mean over tokens)
+              + coef(t) * penalty(p(t)) + gated aux + auxk_coef * AuxK (top-k family);
+  4. backward; remove the decoder-gradient component parallel to each (unit-norm) decoder row;
+     Adam step with the scheduled LR; renormalise the decoder rows;
+  5. update the tokens-since-fired counters; resample dead features of penalty architectures on
+     schedule.
+A checkpoint of everything (weights, Adam moments, counters, scalars) is written atomically every
+`checkpoint_every` steps; the batch at step s depends only on (seed, s), so a killed run resumes to
+the same bits. At the end the normalisation and decoder norms are folded into the saved weights.
+
+Shapes: B tokens per batch, D width, F features.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from ..coders import CoderConfig, SparseCoder, build_coder
+from ..coders.init import initialize
+from ..utils import atomic_write_json, read_json
+from .checkpoint import load_checkpoint, pack_optimizer, save_checkpoint, unpack_optimizer
+from .config import Resolved, TrainConfig, lr_factor, ramp
+from .dead import DeadTracker, resample_dead
+
+log = logging.getLogger(__name__)
+RUN_FORMAT = "monosemantic.run/1"
+
+
+@dataclass(frozen=True)
+class CoderSpec:
+    """One coder to train: where it reads, where it writes, and how it is trained."""
+
+    name: str
+    hookpoint: str
+    config: TrainConfig
+    out_hookpoint: str = ""
+
+
+@dataclass
+class _State:
+    spec: CoderSpec
+    res: Resolved
+    coder: SparseCoder
+    opt: torch.optim.Adam
+    dead: DeadTracker
+    scale_in: float = 1.0
+    scale_out: float = 1.0
+    median_norm: float = 0.0
+    n_outliers: int = 0
+    last: dict = field(default_factory=dict)
+
+    @property
+    def constrained(self) -> bool:
+        """Decoder rows kept at unit norm (all but the decoder-norm-weighted l1/lp penalties)."""
+        return self.coder.cfg.resolved_penalty not in ("l1", "lp")
+
+
+Batches = Callable[[int], Iterator[dict[str, Tensor]]]
+"""start_step -> iterator of batches (hookpoint -> [B, D]) from that step on."""
+
+
+class Trainer:
+    """Train `specs` on `batches`, writing checkpoints and final coders under `out`."""
+
+    def __init__(self, specs: list[CoderSpec], widths: dict[str, int], out: str | Path,
+                 source: dict | None = None, device: str | torch.device = "cpu"):
+        if not specs:
+            raise ValueError("no coders to train")
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"coder names must be unique, got {names}")
+        first = specs[0].config
+        for s in specs:
+            if (s.config.batch_size, s.config.tokens, s.config.seed) != (first.batch_size, first.tokens, first.seed):
+                raise ValueError("coders trained in one pass share batch_size, tokens and seed; "
+                                 f"{s.name} differs from {specs[0].name}")
+            for h in (s.hookpoint, s.out_hookpoint):
+                if h and h not in widths:
+                    raise ValueError(f"coder {s.name}: hookpoint {h!r} is not in the data "
+                                     f"(available: {', '.join(widths)})")
+            if s.config.kind != "sae" and not s.out_hookpoint:
+                raise ValueError(f"coder {s.name}: a {s.config.kind} needs an output hookpoint")
+        self.specs, self.widths, self.out = specs, widths, Path(out)
+        self.device = torch.device(device)
+        self.steps = first.tokens // first.batch_size
+        self.run = {"format": RUN_FORMAT, "source": source or {},
+                    "coders": [{"name": s.name, "hookpoint": s.hookpoint,
+                                "out_hookpoint": s.out_hookpoint, "config": s.config.to_dict(),
+                                "d_in": widths[s.hookpoint],
+                                "d_out": widths[s.out_hookpoint or s.hookpoint]} for s in specs]}
+        self._claim_folder()
+        self.states = [self._build(s) for s in specs]
+
+    # ---- set-up ------------------------------------------------------------------------------
+
+    def _claim_folder(self) -> None:
+        path = self.out / "run.json"
+        if path.exists():
+            theirs = read_json(path)
+            if theirs != self.run:
+                diff = _diff(theirs, self.run)
+                raise ValueError(f"output folder {self.out} holds a different run ({diff}); choose "
+                                 "another --out, or delete the folder to start over")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise ValueError(f"output folder {self.out} is not empty and holds no run.json; "
+                             "choose an empty or new folder")
+        else:
+            atomic_write_json(path, self.run)
+
+    def _build(self, spec: CoderSpec) -> _State:
+        c = spec.config
+        d_in = self.widths[spec.hookpoint]
+        res = c.resolve(d_in)
+        cfg = CoderConfig(d_in=d_in, n_features=res.n_features, kind=c.kind,
+                          d_out=self.widths[spec.out_hookpoint] if spec.out_hookpoint else None,
+                          activation=c.activation, k=c.k if c.activation in ("topk", "batchtopk") else None,
+                          penalty=c.penalty, p=c.p, hookpoint=spec.hookpoint,
+                          out_hookpoint=spec.out_hookpoint)
+        coder = build_coder(cfg, device=self.device)
+        opt = torch.optim.Adam(coder.parameters(), lr=res.lr, betas=(c.beta1, c.beta2))
+        return _State(spec, res, coder, opt, DeadTracker(res.n_features, res.dead_tokens))
+
+    def _initialize(self, batch: dict[str, Tensor]) -> None:
+        for st in self.states:
+            c = st.spec.config
+            x, y = self._xy(st, batch)
+            norms = x.norm(dim=1)
+            st.median_norm = float(norms.median())
+            keep = self._keep(st, x)
+            x, y = x[keep], y[keep]
+            if c.normalize:
+                st.scale_in = math.sqrt(x.shape[1] / float(x.pow(2).sum(1).mean()))
+                st.scale_out = (st.scale_in if c.kind == "sae"
+                                else math.sqrt(y.shape[1] / float(y.pow(2).sum(1).mean())))
+            initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
+                       method=c.init, bias=c.bias_init, seed=c.seed)
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self, batches: Batches, progress: bool = True) -> dict[str, SparseCoder]:
+        from tqdm.auto import tqdm
+
+        final = [self.out / s.name / "cfg.json" for s in self.specs]
+        if all(p.exists() for p in final) and (self.out / "done").exists():
+            log.info("%s already holds the finished run", self.out)
+            return {s.name: SparseCoder.load(str(self.out / s.name)) for s in self.specs}
+        start = self._resume()
+        wandb = self._wandb()
+        bar = tqdm(total=self.steps, initial=start, unit="step", desc="training",
+                   disable=not progress, dynamic_ncols=True)
+        it = batches(start)
+        for step in range(start, self.steps):
+            batch = next(it)
+            if step == 0:
+                self._initialize(batch)
+            for st in self.states:
+                self._step(st, batch, step)
+            bar.update(1)
+            if step % self.specs[0].config.log_every == 0 or step == self.steps - 1:
+                bar.set_postfix(self._summary())
+                if wandb is not None:
+                    wandb.log({f"{st.spec.name}/{k}": v for st in self.states
+                               for k, v in st.last.items()}, step=step)
+            if (step + 1) % self.specs[0].config.checkpoint_every == 0 and step + 1 < self.steps:
+                self.save_checkpoint(step + 1)
+        bar.close()
+        if wandb is not None:
+            wandb.finish()
+        return self._finish()
+
+    def _step(self, st: _State, batch: dict[str, Tensor], step: int) -> None:
+        c, coder = st.spec.config, st.coder
+        x, y = self._xy(st, batch)
+        _check_finite(st.spec.hookpoint, x, step)
+        if st.spec.out_hookpoint:
+            _check_finite(st.spec.out_hookpoint, y, step)
+        keep = self._keep(st, x)
+        st.n_outliers += int((~keep).sum())
+        x, y = x[keep] * st.scale_in, y[keep] * st.scale_out
+        for g in st.opt.param_groups:
+            g["lr"] = st.res.lr * lr_factor(step, self.steps, c.lr_warmup, c.lr_decay)
+        p = c.p if c.p_end <= 0 else c.p + (c.p_end - c.p) * step / max(1, self.steps - 1)
+        out = coder(x, target=None if c.kind == "sae" else y)
+        err = y - out.out
+        recon = err.pow(2).sum(-1).mean()
+        loss = recon + out.aux_loss
+        if c.coef > 0 and coder.cfg.resolved_penalty != "none":
+            penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
+            loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
+        if coder.cfg.k is not None and c.auxk_coef > 0:
+            dead = st.dead.dead_mask.to(x.device)
+            if dead.any():
+                auxk = coder.auxk_loss(x, y, out.pre_acts, dead, st.res.k_aux, out=out.out)
+                resid_var = (err - err.mean(0)).pow(2).sum(-1).mean().detach()
+                loss = loss + c.auxk_coef * auxk * resid_var
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"coder {st.spec.name}: the loss became {float(loss)} at step "
+                                     f"{step}; lower --lr (now {st.res.lr:.3g}) or --coef. The last "
+                                     "checkpoint is untouched.")
+        st.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if st.constrained:
+            coder.remove_gradient_parallel_to_decoder()
+        st.opt.step()
+        if st.constrained:
+            coder.set_decoder_to_unit_norm()
+        st.dead.update(out.acts.detach())
+        if step in st.res.resample_steps:
+            gen = torch.Generator().manual_seed(c.seed * 100003 + step)
+            resample_dead(coder, st.opt, x, y, st.dead.dead_mask, gen)
+        with torch.no_grad():
+            total = (y - y.mean(0)).pow(2).sum()
+            st.last = {"loss": float(loss), "fvu": float(err.pow(2).sum() / total),
+                       "l0": float((out.acts > 0).sum(-1).float().mean()),
+                       "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
+
+    def _xy(self, st: _State, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x = batch[st.spec.hookpoint].to(self.device, torch.float32)
+        y = batch[st.spec.out_hookpoint].to(self.device, torch.float32) if st.spec.out_hookpoint else x
+        return x, y
+
+    def _keep(self, st: _State, x: Tensor) -> Tensor:
+        mult = st.spec.config.outlier_multiple
+        if mult <= 0 or st.median_norm <= 0:
+            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        return x.norm(dim=1) <= mult * st.median_norm
+
+    def _summary(self) -> dict[str, str]:
+        n = len(self.states)
+        mean = {k: sum(st.last.get(k, 0.0) for st in self.states) / n for k in ("fvu", "l0", "dead")}
+        return {"fvu": f"{mean['fvu']:.3f}", "l0": f"{mean['l0']:.1f}", "dead": f"{100 * mean['dead']:.1f}%"}
+
+    def _wandb(self):
+        project = self.specs[0].config.wandb_project
+        if not project:
+            return None
+        try:
+            import wandb
+        except ImportError as err:
+            raise ImportError("W&B logging needs the extra: pip install 'monosemantic[wandb]'") from err
+        return wandb.init(project=project, config=self.run, name=self.out.name)
+
+    # ---- checkpoints and the end -------------------------------------------------------------
+
+    def save_checkpoint(self, step: int) -> None:
+        tensors: dict[str, Tensor] = {}
+        state: dict = {"step": step, "coders": {}}
+        for st in self.states:
+            n = st.spec.name
+            tensors.update({f"{n}/coder/{k}": v for k, v in st.coder.state_dict().items()})
+            opt_t, opt_meta = pack_optimizer(n, st.opt)
+            tensors.update(opt_t)
+            tensors[f"{n}/since_fired"] = st.dead.since_fired
+            state["coders"][n] = {"optim": opt_meta, "scale_in": st.scale_in,
+                                  "scale_out": st.scale_out, "median_norm": st.median_norm,
+                                  "n_outliers": st.n_outliers, "last": st.last}
+        save_checkpoint(self.out / "checkpoint.safetensors", tensors, state)
+
+    def _resume(self) -> int:
+        path = self.out / "checkpoint.safetensors"
+        if not path.exists():
+            return 0
+        tensors, state = load_checkpoint(path)
+        for st in self.states:
+            n = st.spec.name
+            sd = {k[len(f"{n}/coder/"):]: v for k, v in tensors.items() if k.startswith(f"{n}/coder/")}
+            try:
+                st.coder.load_state_dict(sd)
+            except RuntimeError as err:
+                raise ValueError(f"checkpoint {path} does not fit coder {n} (was the hookpoint "
+                                 f"width or n_features changed?): {str(err)[:300]}") from err
+            meta = state["coders"][n]
+            st.opt.load_state_dict(unpack_optimizer(n, tensors, meta["optim"]))
+            st.dead.since_fired = tensors[f"{n}/since_fired"].clone()
+            st.scale_in, st.scale_out = meta["scale_in"], meta["scale_out"]
+            st.median_norm, st.n_outliers, st.last = meta["median_norm"], meta["n_outliers"], meta["last"]
+        log.info("resuming %s from step %d", self.out, state["step"])
+        return int(state["step"])
+
+    def _finish(self) -> dict[str, SparseCoder]:
+        coders = {}
+        for st in self.states:
+            coder = st.coder
+            if not st.constrained:
+                coder.fold_decoder_norms()
+            coder.fold_scale(st.scale_in, st.scale_out)
+            coder.eval()
+            coder.save(str(self.out / st.spec.name))
+            atomic_write_json(self.out / st.spec.name / "training.json", {
+                "steps": self.steps, "tokens": self.steps * st.spec.config.batch_size,
+                "n_outliers_dropped": st.n_outliers, "median_norm": st.median_norm,
+                "outlier_rule": f"norm > {st.spec.config.outlier_multiple} x median norm "
+                                f"({st.median_norm:.4g}) at the start of training",
+                "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},
+                "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens})
+            coders[st.spec.name] = coder
+        (self.out / "done").write_text("finished\n")
+        ckpt = self.out / "checkpoint.safetensors"
+        if ckpt.exists():
+            ckpt.unlink()
+        return coders
+
+
+def _check_finite(hookpoint: str, x: Tensor, step: int) -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        row, dim = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"non-finite activation ({float(x[row, dim])}) at hookpoint {hookpoint}, "
+                         f"step {step}, batch row {row}, dim {dim}; training stopped before any "
+                         "weight was updated with it (the last checkpoint is intact). Check the "
+                         "model dtype (use float32) and the activation cache.")
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (u, v) in enumerate(zip(a, b)):
+            if u != v:
+                return _diff(u, v, f"{prefix}{i}.")
+    return f"{prefix.rstrip('.')}: was {a!r}, now {b!r}"
