@@ -10,6 +10,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .toy import ToyConfig
+from .train.config import TrainConfig
+
 import simple_parsing
 from simple_parsing import field
 
@@ -56,6 +59,74 @@ class InfoArgs:
 
     model: str = ""
     """If given, load this model and list its hookpoints with their widths."""
+
+
+@dataclass
+class TrainArgs:
+    """Train sparse coders on a model's activations: one coder per hookpoint, all from one pass
+    over the data (cached on disk first, so a killed run resumes exactly), then evaluate them on
+    held-out text and print the metrics table."""
+
+    model: str = field(positional=True, metavar="MODEL")
+    """Model: a bundled name (smollm2-135m), a local HF folder, a .gguf file or an HF hub id."""
+    corpus: str = field(positional=True, metavar="CORPUS")
+    """Corpus: wiki-vital, pydoc, a .txt/.md/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."""
+    hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
+    """Input hookpoints (HF module names, globs allowed; ':input' reads a module's input)."""
+    out_hookpoints: list[str] = field(default_factory=list)
+    """For transcoders: the output hookpoint of each input hookpoint, in the same order."""
+    out: str = "runs/coder"
+    """Output folder: run.json, checkpoint, and one sub-folder per coder (cfg.json + safetensors)."""
+    eval_tokens: int = 8192
+    """Held-out tokens (eval split) for the metrics table; 0 skips evaluation."""
+    ctx_len: int = 256
+    """Context length in tokens."""
+    forward_batch: int = 8
+    """Contexts per forward pass of the model."""
+    text_field: str = "text"
+    """Field holding the text, for .jsonl files and HF datasets."""
+    trust_remote_code: bool = False
+    """Allow HF hub models that run their own code."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class EvalArgs:
+    """Evaluate trained coders on held-out text: FVU, L0, dead/dense features, shrinkage, CE loss
+    with the coder spliced in (vs clean and zero-ablation), KL; writes metrics.json and a
+    feature-density histogram PNG next to each coder."""
+
+    coders: list[str] = field(positional=True, metavar="CODER", nargs="+")
+    """Coder folders (each with cfg.json), or a run folder (all its coders)."""
+    model: str = ""
+    """Model; default: the one recorded in the run's run.json."""
+    corpus: str = ""
+    """Corpus; default: the one recorded in the run's run.json."""
+    split: str = "eval"
+    """Corpus split to evaluate on (eval is disjoint from the training split)."""
+    tokens: int = 8192
+    """Tokens to evaluate on."""
+    ctx_len: int = 256
+    """Context length in tokens."""
+    forward_batch: int = 8
+    """Contexts per forward pass."""
+    no_splice: bool = False
+    """Skip the spliced CE/KL passes (reconstruction metrics only; faster)."""
+
+
+@dataclass
+class ToyArgs:
+    """Toy ground-truth benchmark (Sharkey, Braun & Millidge 2022): train each architecture on
+    data with known features in superposition and report how many it recovers (MMCS)."""
+
+    activations: list[str] = field(default_factory=lambda: ["topk", "batchtopk", "jumprelu", "gated", "relu"])
+    """Architectures to train."""
+    ratios: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    """Dictionary sizes as multiples of the number of true features."""
+    out: str = "runs/toy"
+    """Folder for the trained coders and toy.json."""
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=4_000_000, batch_size=1024))
 
 
 def cmd_cache(args: CacheArgs) -> int:
@@ -115,7 +186,125 @@ def cmd_info(args: InfoArgs) -> int:
     return 0
 
 
+def _coder_folders(paths: list[str]) -> list[Path]:
+    folders = []
+    for p in map(Path, paths):
+        if (p / "cfg.json").exists():
+            folders.append(p)
+        elif (p / "run.json").exists():
+            folders.extend(sorted(q.parent for q in p.glob("*/cfg.json")))
+        else:
+            raise ValueError(f"{p} is neither a coder folder (cfg.json) nor a run folder (run.json)")
+    if not folders:
+        raise ValueError(f"no trained coders found in {', '.join(paths)}")
+    return folders
+
+
+def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: int, ctx_len: int,
+              forward_batch: int, splice: bool, lm=None) -> None:
+    from .coders import load_coder
+    from .data import load_corpus, special_token_ids
+    from .evaluate import evaluate_coders, write_report
+    from .metrics import format_table
+    from .models import load_model
+    from .utils import read_json
+
+    run = folders[0].parent / "run.json"
+    source = read_json(run)["source"] if run.exists() else {}
+    model = model or source.get("model", "")
+    corpus = corpus or source.get("corpus", "")
+    if not model or not corpus:
+        raise ValueError("no run.json beside the coders says which model and corpus they belong "
+                         "to: pass --model and --corpus")
+    lm = lm or load_model(model)
+    coders, limits = {}, {}
+    for f in folders:
+        coders[f.name] = load_coder(f)
+        info = f / "training.json"
+        if info.exists():
+            t = read_json(info)
+            limits[f.name] = t["outlier_multiple"] * t["median_norm"]
+    docs = load_corpus(corpus, split).documents
+    results = evaluate_coders(lm, coders, docs, tokens, ctx_len, forward_batch,
+                              special_token_ids(lm.tokenizer), limits, spliced=splice)
+    rows = []
+    for f in folders:
+        r = results[f.name]
+        png = write_report(r, f, title=f"{f.name}: feature density ({r.n_tokens} tokens)")
+        m = r.recon
+        rows.append({"coder": f.name, "fvu": m.fvu, "l0": m.l0, "dead %": 100 * m.dead_fraction,
+                     "dense %": 100 * m.dense_fraction, "cos": m.cosine,
+                     "rel. bias": m.relative_reconstruction_bias, "ce clean": r.ce_clean,
+                     "ce spliced": r.ce_spliced, "ce zero": r.ce_zero,
+                     "ce recovered": r.ce_loss_recovered, "kl": r.kl, "outliers": m.n_outliers})
+        log.info("wrote %s and %s", f / "metrics.json", png)
+    print(f"\n{model} on {corpus}/{split}, {results[folders[0].name].n_tokens} tokens:")
+    print(format_table(rows))
+
+
+def cmd_train(args: TrainArgs) -> int:
+    from .hooks import resolve_hookpoints
+    from .models import load_model
+    from .train import CoderSpec
+    from .train.pipeline import train_on_corpus
+
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    ins = resolve_hookpoints(lm.model, args.hookpoints)
+    outs = resolve_hookpoints(lm.model, args.out_hookpoints) if args.out_hookpoints else []
+    if args.train.kind != "sae" and len(outs) != len(ins):
+        raise ValueError(f"--kind {args.train.kind} needs one --out-hookpoints entry per input "
+                         f"hookpoint: got {len(ins)} inputs ({ins}) and {len(outs)} outputs")
+    if args.train.kind == "sae" and outs:
+        raise ValueError("--out-hookpoints is for transcoders; add --kind transcoder")
+    specs = [CoderSpec(h.replace(":", "@"), h, args.train, outs[i] if outs else "")
+             for i, h in enumerate(ins)]
+    train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
+                    text_field=args.text_field)
+    print(f"trained {len(specs)} coder(s) -> {args.out}")
+    if args.eval_tokens > 0:
+        _evaluate([Path(args.out) / s.name for s in specs], lm.name, args.corpus, "eval",
+                  args.eval_tokens, args.ctx_len, args.forward_batch, True, lm=lm)
+    return 0
+
+
+def cmd_eval(args: EvalArgs) -> int:
+    _evaluate(_coder_folders(args.coders), args.model, args.corpus, args.split, args.tokens,
+              args.ctx_len, args.forward_batch, not args.no_splice)
+    return 0
+
+
+def cmd_toy(args: ToyArgs) -> int:
+    import dataclasses
+    import json
+
+    from .metrics import format_table
+    from .train.toy_run import train_toy
+    from .utils import atomic_write_json
+
+    rows = []
+    for act in args.activations:
+        for ratio in args.ratios:
+            cfg = dataclasses.replace(args.train, activation=act,
+                                      n_features=int(round(ratio * args.toy.n_features)),
+                                      coef=args.train.coef or TOY_COEF.get(act, 0.0))
+            r = train_toy(args.toy, cfg, Path(args.out) / f"{act}-x{ratio:g}", progress=True)
+            rows.append({"activation": act, "dict / N": ratio, "mmcs": r.recovery.mmcs,
+                         "recovered >0.9": r.recovery.frac_recovered, "dead %": 100 * r.dead_fraction,
+                         "fvu": r.fvu, "l0": r.l0})
+    atomic_write_json(Path(args.out) / "toy.json", {"toy": dataclasses.asdict(args.toy),
+                                                   "train": args.train.to_dict(), "rows": rows})
+    print(format_table(rows))
+    return 0
+
+
+TOY_COEF = {"relu": 0.5, "gated": 0.5, "jumprelu": 0.05}
+"""Sparsity coefficients for the toy benchmark's penalty architectures when --coef is not given."""
+
+
 COMMANDS = {
+    "train": (TrainArgs, cmd_train),
+    "eval": (EvalArgs, cmd_eval),
+    "toy": (ToyArgs, cmd_toy),
     "cache": (CacheArgs, cmd_cache),
     "info": (InfoArgs, cmd_info),
 }
@@ -138,7 +327,11 @@ def build_parser() -> simple_parsing.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ValueError as err:  # a config's __post_init__ rejected the options
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
@@ -146,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     _, run = COMMANDS[args.command]
     try:
         return run(args.args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

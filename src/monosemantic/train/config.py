@@ -18,6 +18,8 @@ PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """How to train a coder: architecture, size, sparsity, budget, optimiser, dead features."""
+
     activation: str = "topk"
     """Architecture: topk, batchtopk, jumprelu, gated or relu."""
     kind: str = "sae"

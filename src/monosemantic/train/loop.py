@@ -303,6 +303,7 @@ class Trainer:
             atomic_write_json(self.out / st.spec.name / "training.json", {
                 "steps": self.steps, "tokens": self.steps * st.spec.config.batch_size,
                 "n_outliers_dropped": st.n_outliers, "median_norm": st.median_norm,
+                "outlier_multiple": st.spec.config.outlier_multiple,
                 "outlier_rule": f"norm > {st.spec.config.outlier_multiple} x median norm "
                                 f"({st.median_norm:.4g}) at the start of training",
                 "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},

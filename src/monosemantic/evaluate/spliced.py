@@ -1,0 +1,150 @@
+"""Evaluate coders in place: reconstruction metrics and the spliced model's next-token loss.
+
+For each batch of held-out contexts:
+  1. one clean forward pass gives the clean logits and every hookpoint the coders read or write;
+  2. reconstruction statistics (FVU, L0, shrinkage, density, ...) accumulate exactly over the set
+     (`metrics.ReconstructionStats`), outlier tokens (norm > outlier_multiple x the median norm
+     recorded in training) flagged and also reported separately;
+  3. per coder, a forward pass with the coder's output spliced in at its (output) hookpoint, and
+     one with that hookpoint zero-ablated, give CE loss and KL(clean || spliced).
+Splicing rule: only kept positions are replaced (special tokens such as BOS, excluded from
+training because of their outlier norms, keep their clean activation), and the same positions
+are zeroed for the zero-ablation baseline. CE and KL count every position whose own token is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..coders import SparseCoder
+from ..data.activations import batched_contexts
+from ..data.tokens import keep_mask
+from ..hooks import capture, patch
+from ..metrics import (ReconstructionMetrics, ReconstructionStats, SumCount, ce_loss_recovered,
+                       kl_divergence, next_token_ce)
+
+
+@dataclass
+class CoderEval:
+    """Everything measured for one coder on one evaluation set."""
+
+    recon: ReconstructionMetrics
+    ce_clean: float
+    ce_spliced: float
+    ce_zero: float
+    ce_loss_recovered: float
+    ce_increase: float
+    kl: float
+    kl_zero: float
+    n_tokens: int
+    outlier_rule: str
+
+    def scalars(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "recon"}
+        out.update(self.recon.scalars())
+        return out
+
+
+def _hookpoints(coder: SparseCoder) -> tuple[str, str]:
+    cfg = coder.cfg
+    if not cfg.hookpoint:
+        raise ValueError("the coder's cfg.hookpoint is empty: evaluation needs to know where it reads")
+    return cfg.hookpoint, cfg.out_hookpoint or cfg.hookpoint
+
+
+def _splice(coder: SparseCoder, mask: Tensor, store: dict, mode: str):
+    """Hook functions that splice (mode 'coder') or zero (mode 'zero') at the output hookpoint."""
+    hp_in, hp_out = _hookpoints(coder)
+
+    def read_input(t: Tensor) -> None:
+        store["x"] = t
+
+    def write_output(t: Tensor) -> Tensor:
+        m = mask.to(t.device)[..., None]
+        if mode == "zero":
+            return torch.where(m, torch.zeros_like(t), t)
+        x = store.get("x", t)
+        new = coder(x.reshape(-1, x.shape[-1]).to(coder.dtype)).out.reshape(*t.shape[:-1], -1)
+        return torch.where(m, new.to(t.dtype), t)
+
+    return {hp_out: write_output} if hp_in == hp_out else {hp_in: read_input, hp_out: write_output}
+
+
+@torch.no_grad()
+def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_tokens: int,
+                    ctx_len: int = 256, batch_size: int = 8, exclude_ids: list[int] | None = None,
+                    outlier_norms: dict[str, float] | None = None, spliced: bool = True,
+                    progress: bool = True) -> dict[str, CoderEval]:
+    """Evaluate each coder on about `n_tokens` tokens of `documents` (held out from training).
+
+    `outlier_norms[name]` is the norm above which a token counts as an outlier for that coder.
+    """
+    from tqdm.auto import tqdm
+
+    exclude_ids = list(exclude_ids or [])
+    model = lm.model
+    outlier_norms = outlier_norms or {}
+    stats = {n: ReconstructionStats() for n in coders}
+    ce = {n: {"clean": SumCount(0.0, 0), "spliced": SumCount(0.0, 0), "zero": SumCount(0.0, 0),
+              "kl": SumCount(0.0, 0), "kl_zero": SumCount(0.0, 0)} for n in coders}
+    needed = sorted({h for c in coders.values() for h in _hookpoints(c)})
+    device = next(model.parameters()).device
+    seen = 0
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="evaluating", disable=not progress)
+    for _, tokens in batched_contexts(lm.tokenizer, documents, ctx_len, lm.bos_token_id, batch_size):
+        tokens = tokens.to(device)
+        mask = keep_mask(tokens.cpu(), exclude_ids).to(device)
+        with capture(model, needed) as acts:
+            clean = model(input_ids=tokens, use_cache=False).logits
+        ce_clean = next_token_ce(clean, tokens, mask)
+        for name, coder in coders.items():
+            hp_in, hp_out = _hookpoints(coder)
+            x, y = acts[hp_in][mask], acts[hp_out][mask]
+            out = coder(x.to(coder.dtype))
+            limit = outlier_norms.get(name, 0.0)
+            outliers = x.norm(dim=-1) > limit if limit > 0 else None
+            stats[name].update(out.out.float(), y.float(), out.acts, outlier_mask=outliers)
+            c = ce[name]
+            c["clean"] = c["clean"] + ce_clean
+            if not spliced:
+                continue
+            for mode, key in (("coder", "spliced"), ("zero", "zero")):
+                with patch(model, _splice(coder, mask, {}, mode)):
+                    logits = model(input_ids=tokens, use_cache=False).logits
+                c[key] = c[key] + next_token_ce(logits, tokens, mask)
+                kl_key = "kl" if mode == "coder" else "kl_zero"
+                c[kl_key] = c[kl_key] + kl_divergence(clean, logits, mask)
+        kept = int(mask.sum())
+        seen += kept
+        bar.update(min(kept, max(0, n_tokens - bar.n)))
+        if seen >= n_tokens:
+            break
+    bar.close()
+    results = {}
+    for name, coder in coders.items():
+        c = ce[name]
+        clean, spl, zero = c["clean"].mean, c["spliced"].mean, c["zero"].mean
+        rec = (ce_loss_recovered(clean, spl, zero) if spliced and abs(zero - clean) > 1e-9
+               else math.nan)
+        limit = outlier_norms.get(name, 0.0)
+        rule = f"token norm > {limit:.4g}" if limit > 0 else "none"
+        results[name] = CoderEval(stats[name].compute(), clean, spl, zero, rec, spl - clean,
+                                  c["kl"].mean, c["kl_zero"].mean, seen, rule)
+    return results
+
+
+def write_report(result: CoderEval, folder: str | Path, title: str) -> Path:
+    """Write metrics.json and the density histogram PNG next to a coder; return the PNG path."""
+    from ..metrics import plot_density_histogram
+    from ..utils import atomic_write_json
+
+    folder = Path(folder)
+    atomic_write_json(folder / "metrics.json", {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                                                for k, v in result.scalars().items()})
+    return plot_density_histogram(result.recon.density, folder / "density.png", title=title)
