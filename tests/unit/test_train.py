@@ -1,0 +1,151 @@
+"""Trainer: exact resume, several coders from one pass, and bad input that loses nothing."""
+
+import json
+
+import pytest
+import torch
+
+from monosemantic.coders import load_coder
+from monosemantic.toy import ToyConfig, ToyData
+from monosemantic.train import CoderSpec, TrainConfig, Trainer
+from monosemantic.train.toy_run import HOOKPOINT, toy_batches
+
+TOY = ToyConfig(d=16, n_features=32, mean_active=2, seed=1)
+BASE = dict(tokens=256 * 24, batch_size=256, n_features=48, lr=3e-3, checkpoint_every=5, log_every=5)
+
+
+def _trainer(out, specs=None, widths=None):
+    specs = specs or [CoderSpec("c", HOOKPOINT, TrainConfig(k=3, **BASE))]
+    return Trainer(specs, widths or {HOOKPOINT: TOY.d}, out)
+
+
+def _batches(seed=0):
+    return toy_batches(ToyData(TOY), BASE["batch_size"], seed)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _interrupting(batches, at):
+    def from_step(start):
+        for i, b in enumerate(batches(start)):
+            if start + i == at:
+                raise Interrupt
+            yield b
+    return from_step
+
+
+def _tensors(coder):
+    return {k: v.clone() for k, v in coder.state_dict().items()}
+
+
+@pytest.mark.parametrize("activation,extra", [("topk", {"k": 3}), ("batchtopk", {"k": 3}),
+                                              ("relu", {"coef": 0.3, "resample_every": 7}),
+                                              ("jumprelu", {"coef": 0.01})])
+def test_killed_run_resumes_to_identical_bits(tmp_path, activation, extra):
+    cfg = TrainConfig(activation=activation, **{**BASE, **extra})
+    spec = [CoderSpec("c", HOOKPOINT, cfg)]
+    whole = _trainer(tmp_path / "a", spec).fit(_batches(), progress=False)["c"]
+    with pytest.raises(Interrupt):  # dies at step 13, two steps after the checkpoint at 10
+        _trainer(tmp_path / "b", spec).fit(_interrupting(_batches(), 13), progress=False)
+    assert (tmp_path / "b" / "checkpoint.safetensors").exists()
+    resumed = _trainer(tmp_path / "b", spec).fit(_batches(), progress=False)["c"]
+    a, b = _tensors(whole), _tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (tmp_path / "b" / "done").exists() and not (tmp_path / "b" / "checkpoint.safetensors").exists()
+
+
+def test_several_coders_from_one_pass_equal_separate_runs(tmp_path):
+    specs = [CoderSpec("k2", HOOKPOINT, TrainConfig(k=2, **BASE)),
+             CoderSpec("k4", HOOKPOINT, TrainConfig(k=4, **BASE))]
+    together = _trainer(tmp_path / "both", specs).fit(_batches(), progress=False)
+    for spec in specs:
+        alone = _trainer(tmp_path / spec.name, [spec]).fit(_batches(), progress=False)[spec.name]
+        for k, v in _tensors(alone).items():
+            assert torch.equal(v, together[spec.name].state_dict()[k]), (spec.name, k)
+
+
+def test_saved_coder_maps_raw_inputs_and_learns(tmp_path):
+    coder = _trainer(tmp_path).fit(_batches(), progress=False)["c"]
+    loaded = load_coder(tmp_path / "c")
+    x = ToyData(TOY).sample(2048, torch.Generator().manual_seed(5)).x
+    with torch.no_grad():
+        out = loaded(x).out
+    fvu = float((x - out).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.5  # a 24-step toy run: well below the 1.0 of predicting the mean
+    assert torch.allclose(loaded.W_dec.norm(dim=1), torch.ones(48), atol=1e-5)
+    assert torch.equal(out, coder(x).out.detach())
+    info = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert info["steps"] == 24 and info["normalization"]["in_scale"] > 0
+
+
+def test_output_folder_holding_another_run_is_refused(tmp_path):
+    _trainer(tmp_path, [CoderSpec("c", HOOKPOINT, TrainConfig(k=3, **BASE))])
+    with pytest.raises(ValueError, match="holds a different run.*config.k: was 3, now 4"):
+        _trainer(tmp_path, [CoderSpec("c", HOOKPOINT, TrainConfig(k=4, **BASE))])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty and holds no run.json"):
+        _trainer(tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_a_different_hookpoint_width_is_refused(tmp_path):
+    _trainer(tmp_path, widths={HOOKPOINT: 16})
+    with pytest.raises(ValueError, match="d_in: was 16, now 24"):
+        _trainer(tmp_path, widths={HOOKPOINT: 24})
+
+
+def test_nan_in_activations_stops_before_touching_weights(tmp_path):
+    good = _batches()
+
+    def poisoned(start):
+        for i, b in enumerate(good(start)):
+            if start + i == 12:
+                b = {HOOKPOINT: b[HOOKPOINT].clone()}
+                b[HOOKPOINT][7, 3] = float("nan")
+            yield b
+
+    trainer = _trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"non-finite activation \(nan\) at hookpoint toy, step 12, batch row 7, dim 3"):
+        trainer.fit(poisoned, progress=False)
+    assert all(torch.isfinite(p).all() for p in trainer.states[0].coder.parameters())
+    # the checkpoint from step 10 is intact: resuming on clean data finishes with finite weights
+    resumed = _trainer(tmp_path).fit(good, progress=False)["c"]
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+
+
+def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
+    with pytest.raises(Interrupt):
+        _trainer(tmp_path).fit(_interrupting(_batches(), 12), progress=False)
+    path = tmp_path / "checkpoint.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="checkpoint .* is corrupt or truncated"):
+        _trainer(tmp_path).fit(_batches(), progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(activation="relu", coef=0.0), "coef=0.0: activation='relu'"),
+    (dict(activation="jumprelu"), "coefficient must be > 0"),
+    (dict(tokens=100, batch_size=256), "less than one batch"),
+    (dict(lr_warmup=2.0), "lr_warmup=2.0 must be a fraction"),
+])
+def test_bad_training_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_k_larger_than_the_width_is_refused(tmp_path):
+    spec = CoderSpec("c", HOOKPOINT, TrainConfig(**{**BASE, "n_features": 8}, k=16))
+    with pytest.raises(ValueError, match="k=16 is larger than the width n_features=8"):
+        _trainer(tmp_path, [spec])
+
+
+def test_transcoder_needs_an_output_hookpoint(tmp_path):
+    spec = CoderSpec("c", HOOKPOINT, TrainConfig(kind="transcoder", k=3, **BASE))
+    with pytest.raises(ValueError, match="needs an output hookpoint"):
+        _trainer(tmp_path, [spec])
