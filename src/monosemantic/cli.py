@@ -115,6 +115,26 @@ class EvalArgs:
 
 
 @dataclass
+class RefitArgs:
+    """Fix shrinkage: refit the active features' magnitudes of a trained coder by least squares
+    (encoder and decoder directions frozen; the gains are folded into the encoder), save the
+    refitted coder, and compare both on held-out text (bias, FVU, CE, KL)."""
+
+    coder: str = field(positional=True, metavar="CODER")
+    """Coder folder (cfg.json + coder.safetensors) inside a run folder."""
+    out: str = ""
+    """Folder for the refitted coder; default: CODER-refit next to it."""
+    tokens: int = 16384
+    """Training-split tokens to fit the gains on."""
+    eval_tokens: int = 4096
+    """Eval-split tokens for the before/after table."""
+    model: str = ""
+    """Model; default: the one recorded in the run's run.json."""
+    corpus: str = ""
+    """Corpus; default: the one recorded in the run's run.json."""
+
+
+@dataclass
 class ToyArgs:
     """Toy ground-truth benchmark (Sharkey, Braun & Millidge 2022): train each architecture on
     data with known features in superposition and report how many it recovers (MMCS)."""
@@ -273,6 +293,40 @@ def cmd_eval(args: EvalArgs) -> int:
     return 0
 
 
+def cmd_refit(args: RefitArgs) -> int:
+    from .coders import load_coder
+    from .data import load_corpus, special_token_ids
+    from .evaluate.shrinkage import collect_activations, refit_magnitudes
+    from .models import load_model
+    from .utils import atomic_write_json, read_json
+
+    folder = Path(args.coder)
+    run = folder.parent / "run.json"
+    source = read_json(run)["source"] if run.exists() else {}
+    model, corpus = args.model or source.get("model"), args.corpus or source.get("corpus")
+    if not model or not corpus:
+        raise ValueError(f"no run.json next to {folder}: pass --model and --corpus")
+    coder = load_coder(folder)
+    lm = load_model(model)
+    hps = [coder.cfg.hookpoint] + ([coder.cfg.out_hookpoint] if coder.cfg.out_hookpoint else [])
+    docs = load_corpus(corpus, "train").documents
+    acts = collect_activations(lm, docs, hps, args.tokens, exclude_ids=special_token_ids(lm.tokenizer))
+    fit = refit_magnitudes(coder, acts[hps[0]], acts[hps[-1]] if len(hps) > 1 else None)
+    out = Path(args.out) if args.out else folder.parent / f"{folder.name}-refit"
+    fit.coder.save(str(out))
+    if (folder / "training.json").exists():
+        atomic_write_json(out / "training.json", read_json(folder / "training.json"))
+    atomic_write_json(out / "refit.json", {"from": str(folder), "tokens": args.tokens,
+                                           "gain_mean": float(fit.gains.mean()),
+                                           "gain_min": float(fit.gains.min()),
+                                           "gain_max": float(fit.gains.max())})
+    print(f"refitted gains: mean {float(fit.gains.mean()):.4f}, range "
+          f"[{float(fit.gains.min()):.4f}, {float(fit.gains.max()):.4f}] -> {out}")
+    if args.eval_tokens > 0:
+        _evaluate([folder, out], model, corpus, "eval", args.eval_tokens, 256, 8, True, lm=lm)
+    return 0
+
+
 def cmd_toy(args: ToyArgs) -> int:
     import dataclasses
     import json
@@ -304,6 +358,7 @@ TOY_COEF = {"relu": 0.5, "gated": 0.5, "jumprelu": 0.05}
 COMMANDS = {
     "train": (TrainArgs, cmd_train),
     "eval": (EvalArgs, cmd_eval),
+    "refit": (RefitArgs, cmd_refit),
     "toy": (ToyArgs, cmd_toy),
     "cache": (CacheArgs, cmd_cache),
     "info": (InfoArgs, cmd_info),
