@@ -278,6 +278,14 @@ def cmd_train(args: TrainArgs) -> int:
         raise ValueError("--out-hookpoints is for transcoders; add --kind transcoder")
     specs = [CoderSpec(h.replace(":", "@"), h, args.train, outs[i] if outs else "")
              for i, h in enumerate(ins)]
+    if args.eval_tokens > 0:  # fail before training, not after, when there is no held-out text
+        from .data import load_corpus
+
+        try:
+            load_corpus(args.corpus, "eval", text_field=args.text_field)
+        except ValueError as err:
+            raise ValueError(f"{err}: the corpus is too small for a held-out split; add documents "
+                             "or pass --eval-tokens 0") from err
     train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
                     text_field=args.text_field)
     print(f"trained {len(specs)} coder(s) -> {args.out}")

@@ -12,7 +12,6 @@ Later loads read that folder (about a second). Models are always returned in eva
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -53,7 +52,8 @@ BUNDLED: dict[str, BundledModel] = {
 
 @dataclass
 class LoadedModel:
-    """A causal LM with its tokenizer and a stable name used in cache manifests."""
+    """A causal LM with its tokenizer and the name it was loaded by (a bundled name, a hub id, or
+    an absolute path), recorded in cache manifests and run.json so it can be loaded again."""
 
     model: nn.Module
     tokenizer: object
@@ -155,9 +155,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
         if not path.is_file():
             raise ValueError(f"GGUF file {str(path)!r} does not exist")
         model, tokenizer = _load_gguf(path, dtype)
-        return _finish(model, tokenizer, f"gguf:{path.name}:{_file_id(path)}", device)
+        return _finish(model, tokenizer, str(path.resolve()), device)
     elif path.is_dir():
-        folder, stable = path, f"path:{path.resolve()}"
+        folder, stable = path, str(path.resolve())
     else:
         folder, stable = None, name
     try:
@@ -174,11 +174,6 @@ def load_model(name: str, dtype: torch.dtype = torch.float32, device: str | torc
             "you are online (or set HF_HUB_OFFLINE=1 with the model in the HF cache); otherwise "
             f"use one of: {bundled}.") from err
     return _finish(model, tokenizer, stable, device)
-
-
-def _file_id(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
 def _finish(model: nn.Module, tokenizer, name: str, device) -> LoadedModel:

