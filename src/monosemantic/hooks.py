@@ -54,7 +54,9 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str] | str) -> list[str]
     """
     if isinstance(patterns, str):
         patterns = [patterns]
-    names = [n for n, _ in model.named_modules() if n]
+    # containers (ModuleList, ModuleDict) have no forward of their own, so nothing would fire
+    names = [n for n, m in model.named_modules()
+             if n and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
     out: list[str] = []
     for pattern in patterns:
         hp = Hookpoint.parse(pattern)
@@ -77,6 +79,8 @@ def resolve_hookpoints(model: nn.Module, patterns: list[str] | str) -> list[str]
 def _first_tensor(value) -> Tensor:
     if isinstance(value, Tensor):
         return value
+    if isinstance(value, dict) and value:  # an HF ModelOutput: its first field (last_hidden_state)
+        value = tuple(value.values())
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
         return value[0]
     raise TypeError(f"hooked value of type {type(value).__name__} holds no tensor to read")
@@ -85,6 +89,9 @@ def _first_tensor(value) -> Tensor:
 def _replace_first(value, new: Tensor):
     if isinstance(value, Tensor):
         return new
+    if isinstance(value, dict):
+        value[next(iter(value))] = new  # ModelOutput.__setitem__ updates the attribute too
+        return value
     return (new, *value[1:]) if isinstance(value, tuple) else [new, *value[1:]]
 
 

@@ -11,13 +11,19 @@ Shard i always covers contexts [i*C, (i+1)*C) (C = contexts_per_shard), computed
 forward batches, so a run killed at any moment and resumed ends with the same bytes as one that
 never stopped: every file is written atomically (temporary file, then rename), and the manifest
 names a shard only after all its files exist. A folder whose manifest asks for something else
-is refused, never silently reused.
+is refused, never silently reused. Temporary files left by a kill mid-write are removed on resume.
+
+Debugging aid: the environment variable `MONOSEMANTIC_DEBUG_SHARD_SLEEP` (seconds, default 0)
+makes `build_cache` sleep after writing each shard, so a test can kill a run between shards
+deterministically. Never needed in normal use.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "monosemantic.activations/1"
 DTYPES = {"float32": np.float32, "float16": np.float16}
+DEBUG_SLEEP_ENV = "MONOSEMANTIC_DEBUG_SHARD_SLEEP"
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,10 @@ class ActivationCache:
 
     def read(self, name: str, start: int, stop: int) -> Tensor:
         """Rows [start, stop) of `name` across shards, as a float32 (or int) tensor."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"rows [{start}, {stop}) are outside the cache's {len(self)} rows")
+        if start == stop:
+            return _to_tensor(self.shard_array(0, name)[:0])
         parts = []
         i = int(np.searchsorted(self.offsets, start, side="right") - 1)
         while start < stop:
@@ -223,6 +234,8 @@ def build_cache(lm, documents: list[str], request: CacheRequest, folder: str | P
     if manifest is not None and manifest["complete"]:
         return ActivationCache(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".*.tmp"):  # left by a run killed inside an atomic write
+        stale.unlink()
     hookpoints = list(request.hookpoints)
     if manifest is None:
         manifest = {"format": FORMAT, "request": request.to_json(), "complete": False,
@@ -234,6 +247,8 @@ def build_cache(lm, documents: list[str], request: CacheRequest, folder: str | P
     chunks = harvest(lm.model, lm.tokenizer, documents, hookpoints, request.ctx_len,
                      lm.bos_token_id, request.batch_size, list(request.exclude_ids),
                      skip_contexts=first_shard * cps)
+    if done >= request.n_tokens:  # killed after the last shard, before `complete` was written
+        chunks = iter(())
     bar = tqdm(total=request.n_tokens, initial=done, unit="tok", unit_scale=True,
                desc="caching activations", disable=not progress, dynamic_ncols=True)
     dtype = DTYPES[request.dtype]
@@ -245,6 +260,8 @@ def build_cache(lm, documents: list[str], request: CacheRequest, folder: str | P
             continue
         done += _write_shard(folder, manifest, shard, pending, request.n_tokens - done, dtype)
         shard, pending = shard + 1, []
+        if os.environ.get(DEBUG_SLEEP_ENV):
+            time.sleep(float(os.environ[DEBUG_SLEEP_ENV]))
         if done >= request.n_tokens:
             break
     if pending and done < request.n_tokens:

@@ -1,0 +1,106 @@
+"""Activation-harvest throughput: our full caching path against the bare truncated forward pass.
+
+  A  ours   `build_cache` (tokenise + pack, forward with hooks stopped at the hookpoint, drop
+            special tokens, write float32 shards atomically with fsync) into a fresh temp folder
+  B  bare   the same contexts, pre-tokenised, through a copy of the decoder cut to the layers up
+            to the hookpoint (`model.model` with `layers[:L+1]`), no hooks, nothing kept
+
+Both see the same contexts (wiki-vital train split, packed, ctx 256, batch 8). The two are
+interleaved A B A B ... in one process after one warm-up batch each; the table gives the median
+tokens/s over rounds (tokens = contexts x ctx_len, special tokens included, for both) and the
+ratio A / B (target >= 0.9).
+
+    python benchmarks/harvest.py --tokens 16384 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from monosemantic.data import CacheRequest, build_cache, iter_contexts, keep_mask, load_corpus
+from monosemantic.data import special_token_ids
+from monosemantic.models import load_model
+
+
+def truncated(model: nn.Module, layer: int) -> nn.Module:
+    """The decoder (`model.model`) keeping layers 0..layer; weights are shared, not copied."""
+    bare = copy.copy(model.model)
+    bare._modules = dict(bare._modules)
+    bare.layers = nn.ModuleList(list(model.model.layers)[:layer + 1])
+    return bare
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per round (rounded to batches)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--layer", type=int, default=15)
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    lm = load_model("smollm2-135m")
+    docs = load_corpus("wiki-vital", "train").documents
+    hookpoint = f"model.layers.{args.layer}"
+    b, t = args.batch_size, args.ctx_len
+    n_ctx = max(1, round(args.tokens / (t * b))) * b
+    contexts = []
+    for ctx in iter_contexts(lm.tokenizer, docs, t, lm.bos_token_id):
+        contexts.append(ctx)
+        if len(contexts) == n_ctx:
+            break
+    batches = [torch.from_numpy(np.stack(contexts[i:i + b])) for i in range(0, n_ctx, b)]
+    exclude = tuple(special_token_ids(lm.tokenizer))
+    kept = int(sum(keep_mask(x, list(exclude)).sum() for x in batches))
+    request = CacheRequest(model=lm.name, corpus="wiki-vital", split="train",
+                           hookpoints=(hookpoint,), n_tokens=kept, ctx_len=t, batch_size=b,
+                           contexts_per_shard=64 if 64 % b == 0 else b, exclude_ids=exclude)
+    bare = truncated(lm.model, args.layer)
+    assert len(bare.layers) == args.layer + 1 and len(lm.model.model.layers) == 30
+
+    @torch.no_grad()
+    def run_bare(xs):
+        for x in xs:
+            bare(input_ids=x, use_cache=False)
+
+    def run_ours(req):
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = build_cache(lm, docs, req, f"{tmp}/cache", progress=False)
+            assert len(cache) == req.n_tokens
+
+    warm = CacheRequest(**{**request.__dict__, "n_tokens": 100})
+    run_ours(warm)
+    run_bare(batches[:1])
+
+    n_tok = n_ctx * t
+    speed: dict[str, list[float]] = {"ours (build_cache)": [], "bare truncated forward": []}
+    print(f"smollm2-135m {hookpoint}, wiki-vital, {n_ctx} contexts x {t} = {n_tok} tokens/round "
+          f"({kept} kept), batch {b}, {torch.get_num_threads()} torch threads, "
+          f"{args.rounds} rounds")
+    for r in range(args.rounds):
+        for name, fn in (("ours (build_cache)", lambda: run_ours(request)),
+                         ("bare truncated forward", lambda: run_bare(batches))):
+            start = time.perf_counter()
+            fn()
+            speed[name].append(n_tok / (time.perf_counter() - start))
+            print(f"  round {r + 1}: {name:24s} {speed[name][-1]:8.1f} tok/s", flush=True)
+    print(f"\n| pipeline | median tok/s | rounds (tok/s) |\n|---|---:|---|")
+    for name, xs in speed.items():
+        print(f"| {name} | {statistics.median(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} |")
+    ours, bare_ = (statistics.median(xs) for xs in speed.values())
+    print(f"\nratio ours / bare = {ours / bare_:.3f} (target >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
