@@ -179,14 +179,13 @@ def cmd_info(args: InfoArgs) -> int:
     from .utils import cache_dir
 
     if args.model:
-        from .hooks import hookpoint_widths
+        from .hooks import hookpoint_widths, resolve_hookpoints
         from .models import load_model
 
         lm = load_model(args.model)
-        names = [n for n, _ in lm.model.named_modules() if n]
-        widths = hookpoint_widths(lm.model, names)  # one forward pass for all of them
-        for n in names:
-            print(f"{n:60s} {widths[n]}")
+        widths = hookpoint_widths(lm.model, resolve_hookpoints(lm.model, "*"), strict=False)
+        for name, width in widths.items():
+            print(f"{name:60s} {width if width else '(does not run in forward)'}")
         return 0
     root = cache_dir()
     print(f"cache folder: {root}  (set MONOSEMANTIC_CACHE to move it)\n\nbundled models:")

@@ -173,9 +173,38 @@ def run_to_hookpoints(model: nn.Module, input_ids: Tensor, hookpoints: list[str]
 
 
 @torch.no_grad()
-def hookpoint_widths(model: nn.Module, hookpoints: list[str]) -> dict[str, int]:
-    """The last dimension of each hookpoint's tensor, read off a one-token forward pass."""
+def hookpoint_widths(model: nn.Module, hookpoints: list[str], strict: bool = True) -> dict[str, int]:
+    """The last dimension of each hookpoint's tensor, read off a one-token forward pass.
+
+    With `strict=False`, hookpoints that never fire or hold no tensor get width 0 instead of an
+    error (used to list every module of a model)."""
     device = next(model.parameters()).device
     ids = torch.zeros(1, 1, dtype=torch.long, device=device)
-    acts = run_to_hookpoints(model, ids, hookpoints)
-    return {h: int(acts[h].shape[-1]) for h in hookpoints}
+    if strict:
+        acts = run_to_hookpoints(model, ids, hookpoints)
+        return {h: int(acts[h].shape[-1]) for h in hookpoints}
+    widths = dict.fromkeys(hookpoints, 0)
+    handles = []
+
+    def make(name: str, hp: Hookpoint):
+        def read(value) -> None:
+            try:
+                widths[name] = int(_first_tensor(value).shape[-1])
+            except (TypeError, IndexError):
+                pass
+        if hp.side == "output":
+            return lambda mod, args, output: read(output)
+        return lambda mod, args: read(args)
+
+    try:
+        for h in hookpoints:
+            hp = Hookpoint.parse(h)
+            module = model.get_submodule(hp.module)
+            hook = make(h, hp)
+            handles.append(module.register_forward_hook(hook) if hp.side == "output"
+                           else module.register_forward_pre_hook(hook))
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return widths

@@ -128,3 +128,11 @@ def test_cli_train_then_eval_on_a_tiny_model(tiny_model_folder, documents, tmp_p
     assert main(["eval", str(out), "--tokens", "64", "--ctx-len", "32", "--no-splice"]) == 0
     assert main(["train", str(tiny_model_folder), str(text_file), "--tokens", "2048",
                  "--batch-size", "256", "-k", "5", "--ctx-len", "32", "--out", str(out)]) == 2
+
+
+def test_cli_info_lists_every_hookpoint_with_its_width(tiny_model_folder, capsys):
+    assert main(["info", "--model", str(tiny_model_folder)]) == 0
+    lines = dict(line.rsplit(None, 1) if not line.endswith(")") else (line.split()[0], "-")
+                 for line in capsys.readouterr().out.splitlines() if line.strip())
+    assert lines["model.layers.1"] == "32" and lines["model.layers.1.mlp.down_proj"] == "32"
+    assert lines["model.layers.1.mlp.up_proj"] == "64"
