@@ -146,7 +146,11 @@ class ToyArgs:
     out: str = "runs/toy"
     """Folder for the trained coders and toy.json."""
     toy: ToyConfig = field(default_factory=ToyConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=4_000_000, batch_size=1024))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        tokens=4_000_000, batch_size=1024, k=5, lr=3e-3,
+        jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.5))
+    """Training options; the toy defaults set k to the toy's mean_active (5) and start JumpReLU
+    thresholds near the scale of the normalised pre-activations (see benchmarks/toy_recovery.py)."""
 
 
 def cmd_cache(args: CacheArgs) -> int:
@@ -358,7 +362,7 @@ def cmd_toy(args: ToyArgs) -> int:
     return 0
 
 
-TOY_COEF = {"relu": 0.5, "gated": 0.5, "jumprelu": 0.05}
+TOY_COEF = {"relu": 2.0, "gated": 5.0, "jumprelu": 3.0}
 """Sparsity coefficients for the toy benchmark's penalty architectures when --coef is not given."""
 
 

@@ -67,6 +67,9 @@ class SparseCoder(nn.Module):
     """The `cfg.penalty` values the architecture accepts."""
     default_penalty: ClassVar[str] = "none"
     """What `penalty="auto"` means for this architecture."""
+    unit_norm_decoder: ClassVar[bool] = False
+    """Whether training must keep decoder rows at unit norm even under the l1/lp penalties (which
+    otherwise weight activations by decoder norms and leave the decoder free)."""
 
     def __init__(self, cfg: CoderConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:

@@ -13,6 +13,12 @@ The step passes no gradient, so the gate learns only through
 where target is x for an SAE. A transcoder's target must be passed as forward(x, target=y); without
 it the aux loss cannot be computed and is reported as 0 (with a one-time warning).
 pre_acts in the outputs is pi_gate.
+
+The decoder is kept at unit norm during training, as in the paper and in dictionary_learning's
+GatedSAETrainer (ConstrainedAdam). With free decoder norms the decoder-norm-weighted penalty pushes
+||W_dec_i|| down while the aux loss, which sees the decoder frozen, can only answer by inflating
+pi_gate: the norms collapse, the gate opens everywhere and training diverges (measured on the toy
+data: L0 of 120 of 128 features).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ logger = logging.getLogger(__name__)
 class GatedCoder(SparseCoder):
     penalties = ("l1", "lp", "none")
     default_penalty = "l1"
+    unit_norm_decoder = True  # see the module docstring
 
     def __init__(self, cfg: CoderConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:

@@ -83,7 +83,7 @@ class JumpReLUCoder(SparseCoder):
                  dtype: torch.dtype | None = None) -> None:
         super().__init__(cfg, device=device, dtype=dtype)
         self.threshold = nn.Parameter(
-            torch.full((cfg.n_features,), cfg.jumprelu_init_threshold, device=device, dtype=dtype))
+            torch.full((cfg.n_features,), float(cfg.jumprelu_init_threshold), device=device, dtype=dtype))
 
     def theta(self) -> Tensor:
         """[F] the threshold clamped to >= MIN_THRESHOLD, with a straight-through gradient."""

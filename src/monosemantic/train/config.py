@@ -36,13 +36,21 @@ class TrainConfig:
     the power p < 1), l0 (jumprelu's straight-through count) or auto (architecture default)."""
     coef: float = 0.0
     """Sparsity coefficient multiplying the penalty; required (> 0) for relu/gated/jumprelu.
-    Typical: l1 ~ 1-5 on normalised inputs, jumprelu l0 ~ 1e-3 to 1e-2."""
+    Typical on normalised inputs (E||x||^2 = D, squared error summed over D): l1 ~ 1-5; jumprelu's
+    l0 ~ 1-10 (firing costs coef, so thresholds settle near sqrt(coef) in pre-activation units)."""
     coef_warmup: float = 0.05
     """Fraction of the steps over which the coefficient ramps linearly from 0."""
     p: float = 1.0
     """Exponent of the lp penalty (0 < p <= 1)."""
     p_end: float = 0.0
     """If > 0, anneal p linearly from p to p_end over training (Wright & Sharkey); 0 = constant."""
+    jumprelu_bandwidth: float = 0.05
+    """JumpReLU: width of the straight-through kernel, in pre-activation units of the normalised
+    inputs (CoderConfig.jumprelu_bandwidth)."""
+    jumprelu_init_threshold: float = 0.001
+    """JumpReLU: initial threshold of every feature, in the same units. Under Adam a threshold moves
+    about lr per step, so it must start near its final scale (pre-activations of normalised inputs
+    are O(1-10)) or it cannot get there within the budget."""
     tokens: int = 1_000_000
     """Training budget in tokens."""
     batch_size: int = 4096
@@ -89,7 +97,7 @@ class TrainConfig:
         if self.activation in PENALTY_ACTIVATIONS and not self.coef > 0:
             raise ValueError(f"coef={self.coef}: activation={self.activation!r} is trained with a "
                              "sparsity penalty whose coefficient must be > 0 (e.g. --coef 2 for "
-                             "l1, --coef 0.005 for jumprelu's l0); or use --activation topk")
+                             "l1, --coef 3 for jumprelu's l0); or use --activation topk")
         for name in ("tokens", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -104,6 +112,9 @@ class TrainConfig:
             raise ValueError("n_features must be >= 0 and expansion >= 1")
         if not 0 < self.p <= 1 or not 0 <= self.p_end <= 1:
             raise ValueError(f"p={self.p} and p_end={self.p_end} must lie in (0, 1]")
+        if not (self.jumprelu_bandwidth > 0 and self.jumprelu_init_threshold > 0):
+            raise ValueError(f"jumprelu_bandwidth={self.jumprelu_bandwidth} and jumprelu_init_threshold="
+                             f"{self.jumprelu_init_threshold} must both be > 0")
         if self.outlier_multiple < 0:
             raise ValueError(f"outlier_multiple={self.outlier_multiple} must be >= 0 (0 = off)")
 

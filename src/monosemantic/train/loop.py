@@ -65,8 +65,9 @@ class _State:
 
     @property
     def constrained(self) -> bool:
-        """Decoder rows kept at unit norm (all but the decoder-norm-weighted l1/lp penalties)."""
-        return self.coder.cfg.resolved_penalty not in ("l1", "lp")
+        """Decoder rows kept at unit norm (all but the decoder-norm-weighted l1/lp penalties,
+        unless the architecture requires unit norm, as gated does)."""
+        return self.coder.unit_norm_decoder or self.coder.cfg.resolved_penalty not in ("l1", "lp")
 
 
 Batches = Callable[[int], Iterator[dict[str, Tensor]]]
@@ -128,7 +129,8 @@ class Trainer:
         cfg = CoderConfig(d_in=d_in, n_features=res.n_features, kind=c.kind,
                           d_out=self.widths[spec.out_hookpoint] if spec.out_hookpoint else None,
                           activation=c.activation, k=c.k if c.activation in ("topk", "batchtopk") else None,
-                          penalty=c.penalty, p=c.p, hookpoint=spec.hookpoint,
+                          penalty=c.penalty, p=c.p, jumprelu_bandwidth=c.jumprelu_bandwidth,
+                          jumprelu_init_threshold=c.jumprelu_init_threshold, hookpoint=spec.hookpoint,
                           out_hookpoint=spec.out_hookpoint)
         coder = build_coder(cfg, device=self.device)
         opt = torch.optim.Adam(coder.parameters(), lr=res.lr, betas=(c.beta1, c.beta2))
