@@ -263,6 +263,15 @@ def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: 
         log.info("wrote %s and %s", f / "metrics.json", png)
     print(f"\n{model} on {corpus}/{split}, {results[folders[0].name].n_tokens} tokens:")
     print(format_table(rows))
+    print("\nhighest-variance dimensions (share of variance, own FVU):")
+    for f in folders:
+        dims = ", ".join(f"dim {d.dim}: {100 * d.variance_share:.1f}%, fvu {d.fvu:.3f}"
+                         for d in results[f.name].top_dims)
+        print(f"  {f.name}: {dims}")
+    outliers = {f.name: results[f.name].outlier_rule for f in folders}
+    print("outlier rule (counted in the 'outliers' column, included in every metric; "
+          "fvu_excluding_outliers in metrics.json): "
+          + "; ".join(f"{k}: {v}" for k, v in outliers.items()))
 
 
 def cmd_train(args: TrainArgs) -> int:

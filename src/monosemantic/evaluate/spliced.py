@@ -26,7 +26,7 @@ from ..coders import SparseCoder
 from ..data.activations import batched_contexts
 from ..data.tokens import keep_mask
 from ..hooks import capture, patch
-from ..metrics import (ReconstructionMetrics, ReconstructionStats, SumCount, ce_loss_recovered,
+from ..metrics import (DimensionShare, ReconstructionMetrics, ReconstructionStats, SumCount, ce_loss_recovered,
                        kl_divergence, next_token_ce)
 
 
@@ -44,10 +44,15 @@ class CoderEval:
     kl_zero: float
     n_tokens: int
     outlier_rule: str
+    top_dims: list[DimensionShare]
+    """The output dimensions carrying the most variance, with each one's own FVU: on residual
+    streams one dimension can carry a large share of the variance, and the FVU over all
+    dimensions should not hide how it is reconstructed."""
 
     def scalars(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k != "recon"}
+        out = {k: v for k, v in asdict(self).items() if k not in ("recon", "top_dims")}
         out.update(self.recon.scalars())
+        out["top_dims"] = [d._asdict() for d in self.top_dims]
         return out
 
 
@@ -135,7 +140,8 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
         limit = outlier_norms.get(name, 0.0)
         rule = f"token norm > {limit:.4g}" if limit > 0 else "none"
         results[name] = CoderEval(stats[name].compute(), clean, spl, zero, rec, spl - clean,
-                                  c["kl"].mean, c["kl_zero"].mean, seen, rule)
+                                  c["kl"].mean, c["kl_zero"].mean, seen, rule,
+                                  stats[name].top_variance_dims(3))
     return results
 
 
