@@ -16,8 +16,8 @@
    "random": W_enc Kaiming-uniform and independent random unit W_dec rows for every kind.
 3. Encoder bias: an SAE's encoder already sees x - b_dec, so b_enc = 0; a transcoder's encoder gets
    b_enc = -W_enc @ centre_in (the same statistic of the input), so it too sees centred input.
-4. Scale: W_enc and b_enc (and gated's b_mag) are multiplied by one constant, chosen (three rounds,
-   since thresholds make the map not exactly homogeneous) so that the mean norm of the initial
+4. Scale: W_enc and b_enc (and gated's b_mag) are multiplied by one constant, chosen (by bisection,
+   since thresholds make the map not homogeneous) so that the mean norm of the initial
    reconstruction minus b_dec equals that of target - b_dec. We match norms rather than fit the
    least-squares scale because for an untied random decoder the least-squares scale is ~0.
 """
@@ -75,18 +75,39 @@ def _kaiming(f: int, d: int, gen: torch.Generator) -> Tensor:
 
 
 @torch.no_grad()
-def _calibrate_scale(coder: SparseCoder, x: Tensor, target: Tensor, rounds: int = 3) -> None:
-    want = (target - coder.b_dec).norm(dim=1).mean()
+def _calibrate_scale(coder: SparseCoder, x: Tensor, target: Tensor, iters: int = 40) -> None:
+    """Scale the encoder by one constant s so the mean reconstruction norm (minus b_dec) matches
+    the target's. The norm is non-decreasing in s (a larger s only lets more features through
+    thresholds and makes active ones larger), so s is found by bisection in log space; a fixed-
+    point update overshoots when thresholds hold back most features at s = 1."""
+    want = float((target - coder.b_dec).norm(dim=1).mean())
     buffers = {k: v.clone() for k, v in coder.named_buffers()}
     was_training = coder.training
     coder.train()  # batch-dependent architectures select as in training
+    current = 1.0
+
+    def norm_at(s: float) -> float:
+        nonlocal current
+        coder._rescale_encoder(torch.full_like(coder.b_enc, s / current))
+        current = s
+        got = float((coder.decode(coder.encode(x).acts) - coder.b_dec).norm(dim=1).mean())
+        for k, v in coder.named_buffers():
+            v.copy_(buffers[k])
+        return got if math.isfinite(got) else math.inf
+
     try:
-        for _ in range(rounds):
-            got = (coder.decode(coder.encode(x).acts) - coder.b_dec).norm(dim=1).mean()
-            if not (got > 0 and torch.isfinite(got)):
-                logger.warning("initial reconstruction is zero; the encoder scale is left as is")
-                break
-            coder._rescale_encoder(torch.full_like(coder.b_enc, float(want / got)))
+        lo, hi = math.log(1e-6), math.log(1e6)
+        if norm_at(math.exp(hi)) <= 0:
+            logger.warning("initial reconstruction is zero at any scale; the encoder is left as is")
+            norm_at(1.0)
+            return
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if norm_at(math.exp(mid)) < want:
+                lo = mid
+            else:
+                hi = mid
+        norm_at(math.exp((lo + hi) / 2))
     finally:
         for k, v in coder.named_buffers():
             v.copy_(buffers[k])
