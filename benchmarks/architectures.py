@@ -105,7 +105,10 @@ def main() -> None:
         for name, r in results.items():
             act = name.split("-")[0]
             seed_rows.append({"coder": name, "arch": act, "seed": seed, "refit": name.endswith("-refit"),
-                         "l0": r.recon.l0, "fvu": r.recon.fvu, "ce_recovered": r.ce_loss_recovered,
+                         "l0": r.recon.l0, "fvu": r.recon.fvu,
+                         "fvu_excl_outliers": r.recon.fvu_excluding_outliers,
+                         "top_dim_share": r.top_dims[0].variance_share, "top_dim_fvu": r.top_dims[0].fvu,
+                         "ce_recovered": r.ce_loss_recovered,
                          "ce_increase": r.ce_increase, "kl": r.kl,
                          "dead_pct": 100 * r.recon.dead_fraction, "rel_bias": r.recon.relative_reconstruction_bias,
                          "outliers": r.recon.n_outliers, "eval_tokens": r.n_tokens,
@@ -114,7 +117,7 @@ def main() -> None:
         rows.extend(seed_rows)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    cols = ["coder", "l0", "fvu", "ce_recovered", "ce_increase", "kl", "dead_pct", "rel_bias", "outliers"]
+    cols = ["coder", "l0", "fvu", "fvu_excl_outliers", "ce_recovered", "ce_increase", "kl", "dead_pct", "rel_bias", "outliers"]
     print(format_table(rows, cols))
     plot(rows, out / "pareto.png", args)
 
@@ -125,18 +128,23 @@ def plot(rows: list[dict], path: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, key, label in zip(axes, ("fvu", "ce_increase", "kl"),
-                              ("FVU", "CE loss increase (nats)", "KL to clean (nats)")):
+    panels = [("fvu", "FVU (all tokens)"), ("fvu_excl_outliers", "FVU without outlier tokens"),
+              ("ce_increase", "CE loss increase (nats)"), ("kl", "KL to clean (nats)")]
+    panels = [(k, label) for k, label in panels if all(k in r for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    for ax, (key, label) in zip(axes, panels):
         for r in rows:
             marker = "x" if r["refit"] else ("o" if r["seed"] == args.seeds[0] else "s")
             ax.scatter(r["l0"], r[key], c=COLORS[r["arch"]], marker=marker, alpha=0.8)
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("L0 (active features per token)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     for arch, color in COLORS.items():
         axes[0].scatter([], [], c=color, label=arch)
+    axes[0].scatter([], [], c="k", marker="o", label=f"seed {args.seeds[0]}")
+    axes[0].scatter([], [], c="k", marker="s", label="other seed")
     axes[0].scatter([], [], c="k", marker="x", label="refit (shrinkage fix)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{args.model} {args.hookpoint}, {args.tokens:,} tokens, expansion {args.expansion}")
