@@ -255,7 +255,8 @@ def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: 
         r = results[f.name]
         png = write_report(r, f, title=f"{f.name}: feature density ({r.n_tokens} tokens)")
         m = r.recon
-        rows.append({"coder": f.name, "fvu": m.fvu, "l0": m.l0, "dead %": 100 * m.dead_fraction,
+        rows.append({"coder": f.name, "fvu": m.fvu, "fvu w/o outliers": m.fvu_excluding_outliers,
+                     "l0": m.l0, "dead %": 100 * m.dead_fraction,
                      "dense %": 100 * m.dense_fraction, "cos": m.cosine,
                      "rel. bias": m.relative_reconstruction_bias, "ce clean": r.ce_clean,
                      "ce spliced": r.ce_spliced, "ce zero": r.ce_zero,
