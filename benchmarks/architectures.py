@@ -93,8 +93,9 @@ def main() -> None:
         if seed == args.seeds[0]:
             x = cache.read(args.hookpoint, 0, min(args.refit_tokens, len(cache)))
             for name in list(coders):
+                kept = x[x.norm(dim=1) <= limits[name]]  # the tokens the trainer kept
                 with torch.no_grad():
-                    coders[f"{name}-refit"] = refit_magnitudes(coders[name], x).coder
+                    coders[f"{name}-refit"] = refit_magnitudes(coders[name], kept).coder
                 limits[f"{name}-refit"] = limits[name]
         t0 = time.perf_counter()
         results = evaluate_coders(lm, coders, eval_docs, args.eval_tokens, exclude_ids=exclude,

@@ -332,7 +332,13 @@ def cmd_refit(args: RefitArgs) -> int:
     hps = [coder.cfg.hookpoint] + ([coder.cfg.out_hookpoint] if coder.cfg.out_hookpoint else [])
     docs = load_corpus(corpus, "train").documents
     acts = collect_activations(lm, docs, hps, args.tokens, exclude_ids=special_token_ids(lm.tokenizer))
-    fit = refit_magnitudes(coder, acts[hps[0]], acts[hps[-1]] if len(hps) > 1 else None)
+    x, y = acts[hps[0]], acts[hps[-1]]
+    if (folder / "training.json").exists():  # fit on the tokens the trainer kept, not its outliers
+        t = read_json(folder / "training.json")
+        if t["outlier_multiple"] > 0:
+            keep = x.norm(dim=1) <= t["outlier_multiple"] * t["median_norm"]
+            x, y = x[keep], y[keep]
+    fit = refit_magnitudes(coder, x, y if len(hps) > 1 else None)
     out = Path(args.out) if args.out else folder.parent / f"{folder.name}-refit"
     fit.coder.save(str(out))
     if (folder / "training.json").exists():

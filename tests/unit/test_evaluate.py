@@ -126,6 +126,9 @@ def test_cli_train_then_eval_on_a_tiny_model(tiny_model_folder, documents, tmp_p
     assert metrics["l0"] == pytest.approx(4.0) and 0 <= metrics["fvu"] < 1.5
     assert (out / "model.layers.1" / "density.png").stat().st_size > 1000
     assert main(["eval", str(out), "--tokens", "64", "--ctx-len", "32", "--no-splice"]) == 0
+    assert main(["refit", str(out / "model.layers.1"), "--tokens", "512", "--eval-tokens", "0"]) == 0
+    refit = json.loads((out / "model.layers.1-refit" / "refit.json").read_text())
+    assert refit["gain_min"] == refit["gain_max"] > 0  # top-k: one common gain
     assert main(["train", str(tiny_model_folder), str(text_file), "--tokens", "2048",
                  "--batch-size", "256", "-k", "5", "--ctx-len", "32", "--out", str(out)]) == 2
 
