@@ -139,3 +139,23 @@ def test_cli_info_lists_every_hookpoint_with_its_width(tiny_model_folder, capsys
                  for line in capsys.readouterr().out.splitlines() if line.strip())
     assert lines["model.layers.1"] == "32" and lines["model.layers.1.mlp.down_proj"] == "32"
     assert lines["model.layers.1.mlp.up_proj"] == "64"
+
+
+def test_loaded_batchtopk_uses_its_inference_threshold(tmp_path):
+    torch.manual_seed(0)
+    coder = build_coder(CoderConfig(d_in=16, n_features=64, activation="batchtopk", k=4))
+    x = torch.randn(512, 16)
+    with torch.no_grad():
+        for _ in range(20):
+            coder.train()(x)  # settle the threshold
+    coder.save(str(tmp_path / "c"))
+    from monosemantic.coders import load_coder
+
+    loaded = load_coder(tmp_path / "c")
+    assert not loaded.training
+    with torch.no_grad():
+        before = loaded.threshold.clone()
+        acts = loaded(x).acts
+        pre = loaded.encode(x).pre_acts
+    assert torch.equal(loaded.threshold, before)  # evaluation does not move the threshold
+    assert torch.equal(acts, pre * (pre > before))  # the fixed-threshold rule, not batch top-k

@@ -90,4 +90,4 @@ def load_coder(folder: str | Path, device: torch.device | str | None = None) -> 
             raise ValueError(f"{path}: tensor {name} has shape {tuple(t.shape)} but cfg.json implies "
                              f"{tuple(expected[name].shape)}; the two files do not belong together")
     coder.load_state_dict(tensors)
-    return coder
+    return coder.eval()  # loaded coders are for inference (batchtopk: its fixed threshold)

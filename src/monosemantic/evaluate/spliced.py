@@ -93,6 +93,8 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
     from tqdm.auto import tqdm
 
     exclude_ids = list(exclude_ids or [])
+    for coder in coders.values():  # inference mode: batchtopk uses its threshold, and keeps it
+        coder.eval()
     model = lm.model
     outlier_norms = outlier_norms or {}
     stats = {n: ReconstructionStats() for n in coders}
