@@ -20,14 +20,24 @@ log = logging.getLogger("monosemantic")
 
 
 @dataclass
-class CacheArgs:
-    """Run a model over a corpus once and store the activations of one or more hookpoints on disk
-    (sharded memory-mapped arrays plus a JSON manifest). A killed run resumes where it stopped."""
+class ModelCorpusArgs:
+    """The model and corpus a command reads (shared by cache and train)."""
 
     model: str = field(positional=True, metavar="MODEL")
     """Model: a bundled name (smollm2-135m), a local HF folder, a .gguf file or an HF hub id."""
     corpus: str = field(positional=True, metavar="CORPUS")
     """Corpus: wiki-vital, pydoc, a .txt/.md/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."""
+    text_field: str = "text"
+    """Field holding the text, for .jsonl files and HF datasets."""
+    trust_remote_code: bool = False
+    """Allow HF hub models that run their own code (off unless you trust the repository)."""
+
+
+@dataclass
+class CacheArgs(ModelCorpusArgs):
+    """Run a model over a corpus once and store the activations of one or more hookpoints on disk
+    (sharded memory-mapped arrays plus a JSON manifest). A killed run resumes where it stopped."""
+
     hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
     """Hookpoints: HF module names, shell globs allowed (model.layers.*.mlp); add ':input' to read
     a module's input instead of its output. Widths are read off the model."""
@@ -45,12 +55,8 @@ class CacheArgs:
     """Storage dtype: float32 or float16."""
     keep_special: bool = False
     """Keep BOS/EOS/padding positions (excluded by default: their activations are outliers)."""
-    text_field: str = "text"
-    """Field holding the text, for .jsonl files and HF datasets."""
     out: str = ""
     """Cache folder; default: <cache>/activations/<model>-<corpus>-<split>-<hash>."""
-    trust_remote_code: bool = False
-    """Allow HF hub models that run their own code (off unless you trust the repository)."""
 
 
 @dataclass
@@ -62,15 +68,11 @@ class InfoArgs:
 
 
 @dataclass
-class TrainArgs:
+class TrainArgs(ModelCorpusArgs):
     """Train sparse coders on a model's activations: one coder per hookpoint, all from one pass
     over the data (cached on disk first, so a killed run resumes exactly), then evaluate them on
     held-out text and print the metrics table."""
 
-    model: str = field(positional=True, metavar="MODEL")
-    """Model: a bundled name (smollm2-135m), a local HF folder, a .gguf file or an HF hub id."""
-    corpus: str = field(positional=True, metavar="CORPUS")
-    """Corpus: wiki-vital, pydoc, a .txt/.md/.jsonl file, a folder of them, or hf:NAME[:SPLIT]."""
     hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
     """Input hookpoints (HF module names, globs allowed; ':input' reads a module's input)."""
     out_hookpoints: list[str] = field(default_factory=list)
@@ -83,10 +85,6 @@ class TrainArgs:
     """Context length in tokens."""
     forward_batch: int = 8
     """Contexts per forward pass of the model."""
-    text_field: str = "text"
-    """Field holding the text, for .jsonl files and HF datasets."""
-    trust_remote_code: bool = False
-    """Allow HF hub models that run their own code."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
