@@ -8,10 +8,11 @@ A new architecture is a new file with a `@register("name")` SparseCoder subclass
 line below.
 """
 
-from monosemantic.coders.base import EncoderOutput, ForwardOutput, SparseCoder
+from monosemantic.coders.base import EncoderOutput, ForwardOutput, SparseCoder, SparseForwardOutput
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.io import build_coder, load_coder
 from monosemantic.coders.registry import REGISTRY, get, register
+from monosemantic.coders.sparse import ActiveSet
 
 from monosemantic.coders import topk  # noqa: F401,E402
 from monosemantic.coders import batchtopk  # noqa: F401,E402
@@ -19,5 +20,6 @@ from monosemantic.coders import jumprelu  # noqa: F401,E402
 from monosemantic.coders import gated  # noqa: F401,E402
 from monosemantic.coders import relu  # noqa: F401,E402
 
-__all__ = ["CoderConfig", "EncoderOutput", "ForwardOutput", "SparseCoder", "REGISTRY",
+__all__ = ["ActiveSet", "CoderConfig", "EncoderOutput", "ForwardOutput", "SparseCoder",
+           "SparseForwardOutput", "REGISTRY",
            "build_coder", "get", "load_coder", "register"]

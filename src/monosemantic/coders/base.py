@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monosemantic.coders.config import CoderConfig
+from monosemantic.coders.sparse import ActiveSet, Selection, TopKSelection, sparse_decode, sparse_encode
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,13 @@ class ForwardOutput(NamedTuple):
     """Scalar: the architecture's sparsity penalty, not multiplied by any coefficient (0 for top-k)."""
     aux_loss: Tensor
     """Scalar: architecture-specific auxiliary loss (gated's); 0 otherwise. Not AuxK."""
+
+
+class SparseForwardOutput(NamedTuple):
+    out: Tensor
+    """[B, D_out] reconstruction or prediction, as ForwardOutput.out."""
+    active: ActiveSet
+    """The non-zero feature activations as a CSR matrix [B, F]."""
 
 
 class SparseCoder(nn.Module):
@@ -150,6 +158,41 @@ class SparseCoder(nn.Module):
                              self.sparsity_penalty(enc.acts, enc.pre_acts),
                              self.aux_loss(x, enc, target))
 
+    # ---- the sparse path (coders/sparse.py) ---------------------------------------------------
+
+    def selection(self) -> Selection | None:
+        """How this coder picks its active features in the current mode, for the sparse path; None
+        when the architecture (or mode) needs the dense eager forward (penalties, straight-through
+        estimators)."""
+        return None
+
+    @property
+    def has_sparse_path(self) -> bool:
+        return self.selection() is not None
+
+    def encode_sparse(self, x: Tensor) -> ActiveSet:
+        """x [B, D_in] -> the active features as CSR, computing only the selected pre-activations'
+        gradients. Same activations as `encode` (up to float rounding)."""
+        select = self.selection()
+        if select is None:
+            raise ValueError(f"{type(self).__name__} in {'training' if self.training else 'eval'} "
+                             "mode has no sparse path; use forward()")
+        centre = self.b_dec if self.cfg.kind == "sae" else None
+        active = sparse_encode(x, self.W_enc, self.b_enc, select, centre)
+        self._after_sparse_encode(active)
+        return active
+
+    def _after_sparse_encode(self, active: ActiveSet) -> None:
+        """Hook for state updated from the selection (BatchTopK's threshold)."""
+
+    def forward_sparse(self, x: Tensor) -> SparseForwardOutput:
+        """x [B, D_in] -> SparseForwardOutput: forward() through the sparse path; the top-k family
+        has no sparsity or aux loss, so only the output and the active set are returned."""
+        active = self.encode_sparse(x)
+        out = sparse_decode(active, self.W_dec) + self.b_dec
+        skip = self.skip(x)
+        return SparseForwardOutput(out if skip is None else out + skip, active)
+
     def aux_loss(self, x: Tensor, enc: EncoderOutput, target: Tensor | None) -> Tensor:
         """Architecture-specific auxiliary loss; 0 unless overridden."""
         return enc.pre_acts.new_zeros(())
@@ -182,16 +225,18 @@ class SparseCoder(nn.Module):
 
     # ---- dead features: AuxK ----------------------------------------------------------------
 
-    def auxk_loss(self, x: Tensor, target: Tensor, pre_acts: Tensor, dead_mask: Tensor,
+    def auxk_loss(self, x: Tensor, target: Tensor, pre_acts: Tensor | None, dead_mask: Tensor,
                   k_aux: int, out: Tensor | None = None) -> Tensor:
         """AuxK (Gao et al. 2024): the top-k_aux pre-activations among dead features (ReLU'd) must
         reconstruct the main residual (target - out), decoded without b_dec. Returns the MSE
         divided by the residual's variance (0 when no feature is dead). The residual is detached,
         so only dead features' pre-activations and decoder rows get gradient. `out` is the main
-        output for x; pass it to save a second forward (recomputed without grad when None)."""
+        output for x; pass it to save a second forward (recomputed without grad when None).
+        `pre_acts` [B, F] are the main forward's; None computes the dead features' pre-activations
+        alone through the sparse path (cost proportional to the number of dead features)."""
         n_dead = int(dead_mask.sum())
         if n_dead == 0 or k_aux < 1:
-            return pre_acts.new_zeros(())
+            return x.new_zeros(())
         if out is None:
             with torch.no_grad():
                 saved = [b.clone() for b in self.buffers()]  # don't count x twice (batchtopk)
@@ -199,10 +244,18 @@ class SparseCoder(nn.Module):
                 for b, s in zip(self.buffers(), saved):
                     b.copy_(s)
         residual = (target - out).detach()
-        masked = pre_acts.masked_fill(~dead_mask.to(pre_acts.device), float("-inf"))
-        vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
-        acts = torch.zeros_like(pre_acts).scatter(-1, idx, F.relu(vals))
-        recon = acts @ self.W_dec
+        dead_mask = dead_mask.to(x.device)
+        if pre_acts is None:
+            dead = dead_mask.nonzero(as_tuple=True)[0]
+            centre = self.b_dec if self.cfg.kind == "sae" else None
+            active = sparse_encode(x, self.W_enc[dead], self.b_enc[dead],
+                                   TopKSelection(min(k_aux, n_dead)), centre)
+            recon = sparse_decode(active, self.W_dec[dead])
+        else:
+            masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
+            vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+            acts = torch.zeros_like(pre_acts).scatter(-1, idx, F.relu(vals))
+            recon = acts @ self.W_dec
         mse = (recon - residual).pow(2).sum(-1).mean()
         var = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / var.clamp_min(torch.finfo(var.dtype).tiny)

@@ -23,6 +23,7 @@ from torch import Tensor
 from monosemantic.coders.base import SparseCoder
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.registry import register
+from monosemantic.coders.sparse import ActiveSet, BatchTopKSelection, Selection, ThresholdSelection
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,19 @@ class BatchTopKCoder(SparseCoder):
                 self._warned = True
             return self._batch_topk(pre_acts)[0]
         return pre_acts * (pre_acts > self.threshold)
+
+    def selection(self) -> Selection:
+        if self.training or self.threshold < 0:
+            if not self.training and not self._warned:
+                logger.warning("BatchTopK threshold is uncalibrated (no training-mode batch yet); "
+                               "falling back to batch top-k selection in eval mode")
+                self._warned = True
+            return BatchTopKSelection(self.cfg.k, self.cfg.n_features)
+        return ThresholdSelection(self.threshold)
+
+    def _after_sparse_encode(self, active: ActiveSet) -> None:
+        if self.training:
+            self._update_threshold(active.values.detach())
 
     @torch.no_grad()
     def _update_threshold(self, kept: Tensor) -> None:

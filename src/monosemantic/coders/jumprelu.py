@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from monosemantic.coders.base import SparseCoder
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.registry import register
+from monosemantic.coders.sparse import Selection, ThresholdSelection
 
 MIN_THRESHOLD = 1e-6
 
@@ -92,6 +93,12 @@ class JumpReLUCoder(SparseCoder):
 
     def _activate(self, pre_acts: Tensor) -> Tensor:
         return JumpReLUFn.apply(pre_acts, self.theta(), self.cfg.jumprelu_bandwidth)
+
+    def selection(self) -> Selection | None:
+        """Inference only: training needs the straight-through gradients of the dense path."""
+        if self.training:
+            return None
+        return ThresholdSelection(self.threshold.detach().clamp_min(MIN_THRESHOLD))
 
     def _l0_penalty(self, acts: Tensor, pre_acts: Tensor) -> Tensor:
         return StepFn.apply(pre_acts, self.theta(), self.cfg.jumprelu_bandwidth).sum(-1).mean()

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from monosemantic.coders.base import SparseCoder
 from monosemantic.coders.registry import register
+from monosemantic.coders.sparse import Selection, TopKSelection
 
 
 def topk_acts(pre_acts: Tensor, k: int) -> Tensor:
@@ -29,6 +30,9 @@ class TopKCoder(SparseCoder):
 
     def _activate(self, pre_acts: Tensor) -> Tensor:
         return topk_acts(pre_acts, self.cfg.k)
+
+    def selection(self) -> Selection:
+        return TopKSelection(self.cfg.k)
 
     @torch.no_grad()
     def _rescale_features(self, c: Tensor) -> None:

@@ -84,6 +84,9 @@ class TrainConfig:
     resample_every: int = 0
     """Resample dead features of penalty architectures every this many steps (0 = at 1/4, 1/2 and
     3/4 of training when the architecture has a penalty; -1 = never)."""
+    sparse_path: bool = True
+    """Train the top-k family through the sparse path (coders/sparse.py: one dense encoder GEMM,
+    everything else on the active features only); False = the eager dense reference."""
     seed: int = 0
     """Seed of initialisation and data order."""
     checkpoint_every: int = 200

@@ -26,9 +26,13 @@ class DeadTracker:
         self.dead_tokens = dead_tokens
 
     def update(self, acts: Tensor) -> None:
-        fired = (acts > 0).any(0).cpu()
-        self.since_fired += acts.shape[0]
-        self.since_fired[fired] = 0
+        """acts [B, F]: the batch's dense activations."""
+        self.update_fired((acts > 0).any(0), acts.shape[0])
+
+    def update_fired(self, fired: Tensor, n_tokens: int) -> None:
+        """fired [F] bool: which features fired in a batch of n_tokens."""
+        self.since_fired += n_tokens
+        self.since_fired[fired.cpu()] = 0
 
     @property
     def dead_mask(self) -> Tensor:

@@ -196,17 +196,22 @@ class Trainer:
         for g in st.opt.param_groups:
             g["lr"] = st.res.lr * lr_factor(step, self.steps, c.lr_warmup, c.lr_decay)
         p = c.p if c.p_end <= 0 else c.p + (c.p_end - c.p) * step / max(1, self.steps - 1)
-        out = coder(x, target=None if c.kind == "sae" else y)
-        err = y - out.out
+        if c.sparse_path and coder.has_sparse_path:  # top-k family: coders/sparse.py
+            sparse = coder.forward_sparse(x)
+            pred, pre_acts, loss = sparse.out, None, 0.0
+        else:
+            out = coder(x, target=None if c.kind == "sae" else y)
+            pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
+        err = y - pred
         recon = err.pow(2).sum(-1).mean()
-        loss = recon + out.aux_loss
-        if c.coef > 0 and coder.cfg.resolved_penalty != "none":
+        loss = recon + loss
+        if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
             penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
             loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
         if coder.cfg.k is not None and c.auxk_coef > 0:
             dead = st.dead.dead_mask.to(x.device)
             if dead.any():
-                auxk = coder.auxk_loss(x, y, out.pre_acts, dead, st.res.k_aux, out=out.out)
+                auxk = coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred)
                 resid_var = (err - err.mean(0)).pow(2).sum(-1).mean().detach()
                 loss = loss + c.auxk_coef * auxk * resid_var
         if not torch.isfinite(loss):
@@ -220,14 +225,18 @@ class Trainer:
         st.opt.step()
         if st.constrained:
             coder.set_decoder_to_unit_norm()
-        st.dead.update(out.acts.detach())
+        if sparse is None:
+            st.dead.update(out.acts.detach())
+        else:
+            st.dead.update_fired(sparse.active.fired(st.res.n_features), x.shape[0])
         if step in st.res.resample_steps:
             gen = torch.Generator().manual_seed(c.seed * 100003 + step)
             resample_dead(coder, st.opt, x, y, st.dead.dead_mask, gen)
         with torch.no_grad():
             total = (y - y.mean(0)).pow(2).sum()
             st.last = {"loss": float(loss), "fvu": float(err.pow(2).sum() / total),
-                       "l0": float((out.acts > 0).sum(-1).float().mean()),
+                       "l0": (float((out.acts > 0).sum(-1).float().mean()) if sparse is None
+                              else sparse.active.l0()),
                        "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
 
     def _xy(self, st: _State, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,227 @@
+"""The sparse path: a coder step that does only the work its math needs.
+
+For a top-k-family coder on a batch x [B, D_in] with F features and about K active per token:
+
+    forward   pre  = (x - b_dec) @ W_enc.T + b_enc    the one dense GEMM (2·B·D·F FLOP), done in
+                                                       row chunks so each [chunk, F] block is
+                                                       selected while it is still in cache
+              acts = ReLU(selected pre-activations)    a CSR matrix [B, F] with ~B·K entries
+              out  = acts @ W_dec + b_dec              embedding_bag over the active rows only
+    backward  d acts  = (d out @ W_dec.T) at the active entries     (sampled dense-dense product)
+              d W_dec = acts.T @ d out                              (sparse-dense product)
+              d W_enc = (d pre).T @ (x - b_dec),  d b_enc = column sums of d pre
+              d b_dec = sum of d out - (column sums of d pre) @ W_enc
+
+so everything after the encoder GEMM costs O(B·K·D) rather than O(B·F·D), no [B, F] tensor is
+materialised in the backward, and no [B, K, D] gather either. The gradients are those of the eager
+reference (`SparseCoder.forward` + autograd) up to float rounding; tests/unit/test_sparse.py
+checks loss and every gradient for each architecture that takes this path.
+
+Selections (`TopKSelection`, `BatchTopKSelection`, `ThresholdSelection`) turn pre-activations into the
+active set. Shapes: B batch, D width, F features, K active per row, N active entries in the batch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F_
+from torch import Tensor
+
+CHUNK_ROWS = 512
+"""Rows per encoder block: a [512, F] float32 block is 18 MB at F = 9216, so it is still cached
+when the selection reads it."""
+
+
+class ActiveSet(NamedTuple):
+    """The non-zero activations of a batch as a CSR matrix [B, F]."""
+
+    values: Tensor
+    """[N] activations (>= 0); differentiable when built by `sparse_encode`."""
+    index: Tensor
+    """[N] int64 feature of each entry."""
+    offsets: Tensor
+    """[B + 1] int64: row b's entries are values[offsets[b]:offsets[b + 1]]."""
+
+    @property
+    def n_rows(self) -> int:
+        return self.offsets.numel() - 1
+
+    def rows(self) -> Tensor:
+        """[N] int64 the row of each entry."""
+        counts = self.offsets.diff()
+        return torch.repeat_interleave(torch.arange(self.n_rows, device=counts.device), counts)
+
+    def to_dense(self, n_features: int) -> Tensor:
+        """[B, F] the dense activation matrix (zeros where inactive)."""
+        dense = self.values.new_zeros(self.n_rows, n_features)
+        return dense.index_put_((self.rows(), self.index), self.values, accumulate=True)
+
+    def fired(self, n_features: int) -> Tensor:
+        """[F] bool: features with a positive activation somewhere in the batch."""
+        hit = torch.zeros(n_features, dtype=torch.bool, device=self.index.device)
+        return hit.index_fill_(0, self.index[self.values.detach() > 0], True)
+
+    def l0(self) -> float:
+        """Mean number of positive activations per row."""
+        return float((self.values.detach() > 0).sum()) / max(1, self.n_rows)
+
+
+class Selection:
+    """Turns pre-activations into the active set, one block of rows at a time.
+
+    `block(pre [b, F])` returns a part; `finish(parts)` returns (counts [B] int64, index [N] int64,
+    values [N]) with entries in row order and values the raw pre-activations (the ReLU is applied by
+    `sparse_encode`), or None when the parts cannot decide exactly and the blocks must be redone
+    with `widen()`."""
+
+    def block(self, pre: Tensor):
+        raise NotImplementedError
+
+    def finish(self, parts: list) -> tuple[Tensor, Tensor, Tensor] | None:
+        counts, index, values = zip(*parts)
+        return torch.cat(counts), torch.cat(index), torch.cat(values)
+
+    def widen(self) -> "Selection":
+        raise RuntimeError(f"{type(self).__name__} cannot widen")
+
+
+class TopKSelection(Selection):
+    """The k largest pre-activations of each row (TopK)."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def block(self, pre: Tensor):
+        vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+        counts = torch.full((pre.shape[0],), self.k, dtype=torch.int64, device=pre.device)
+        return counts, idx.flatten(), vals.flatten()
+
+
+class ThresholdSelection(Selection):
+    """Pre-activations above a threshold, a scalar or one per feature [F] (JumpReLU, and BatchTopK
+    at inference)."""
+
+    def __init__(self, threshold: Tensor | float):
+        self.threshold = threshold
+
+    def block(self, pre: Tensor):
+        mask = pre > self.threshold
+        rows, idx = mask.nonzero(as_tuple=True)
+        return mask.sum(1), idx, pre[rows, idx]
+
+
+class BatchTopKSelection(Selection):
+    """The k·B largest ReLU'd pre-activations of the whole batch (BatchTopK training), exactly,
+    without a [B, F] matrix: each block keeps its rows' top c candidates (c = 4k at first);
+    tau = the (k·B)-th largest candidate. If every row's c-th candidate is below tau, no row has a
+    selected entry outside its candidates, so the candidates' top k·B is the batch's. Otherwise
+    (one row holding more than c of the batch's largest values) the blocks are redone with c = F."""
+
+    def __init__(self, k: int, n_features: int, candidates: int = 0):
+        self.k, self.n_features = k, n_features
+        self.c = min(candidates or 4 * k, n_features)
+
+    def widen(self) -> "BatchTopKSelection":
+        return BatchTopKSelection(self.k, self.n_features, self.n_features)
+
+    def block(self, pre: Tensor):
+        return pre.topk(self.c, dim=-1)  # sorted: the last column is each row's c-th candidate
+
+    def finish(self, parts: list):
+        vals = torch.cat([p.values for p in parts])  # [B, c]
+        idx = torch.cat([p.indices for p in parts])
+        n_rows = vals.shape[0]
+        flat = vals.flatten().clamp_min(0)
+        kept, pos = flat.topk(min(self.k * n_rows, flat.numel()), sorted=False)
+        last = vals[:, -1]  # everything a row left out is <= its last candidate
+        if self.c < self.n_features and kept.numel() and bool(((last > 0) & (last >= kept.min())).any()):
+            return None
+        pos = pos[kept > 0]
+        rows = pos // self.c
+        pos = pos[torch.argsort(rows, stable=True)]  # row order
+        rows = pos // self.c
+        return torch.bincount(rows, minlength=n_rows), idx.flatten()[pos], vals.flatten()[pos]
+
+
+def _csr(offsets: Tensor, index: Tensor, values: Tensor, n_features: int) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(offsets, index, values, (offsets.numel() - 1, n_features),
+                                       check_invariants=False)
+
+
+class _Encode(torch.autograd.Function):
+    """(x, centre, W_enc, b_enc) -> the ReLU'd selected pre-activations of (x - centre) as CSR."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, centre: Tensor | None, W_enc: Tensor, b_enc: Tensor,
+                select: Selection, chunk: int):
+        xin = x if centre is None else x - centre
+        result = None
+        while result is None:
+            parts = [select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T))
+                     for i in range(0, xin.shape[0], chunk)]
+            result = select.finish(parts) if parts else None
+            if not parts:
+                result = (x.new_zeros(0, dtype=torch.int64),) * 2 + (x.new_zeros(0),)
+            elif result is None:
+                select = select.widen()
+        counts, index, values = result
+        offsets = F_.pad(counts.cumsum(0), (1, 0))
+        values = values.clamp_min(0)
+        ctx.save_for_backward(xin, W_enc, index, offsets, values)
+        ctx.has_centre = centre is not None
+        ctx.mark_non_differentiable(index, offsets)
+        return values, index, offsets
+
+    @staticmethod
+    def backward(ctx, d_values: Tensor, _d_index, _d_offsets):
+        xin, W_enc, index, offsets, values = ctx.saved_tensors
+        n_features = W_enc.shape[0]
+        g = d_values * (values > 0)  # the ReLU
+        S = _csr(offsets, index, g, n_features)
+        need_x, need_centre, need_w, need_b = ctx.needs_input_grad[:4]
+        d_W = (S.t() @ xin) if need_w else None
+        d_b = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, index, g)
+        d_x = (S @ W_enc) if need_x else None
+        # sum over rows of S @ W_enc = (column sums of S) @ W_enc = d_b @ W_enc
+        d_centre = -(d_b @ W_enc) if (ctx.has_centre and need_centre) else None
+        return d_x, d_centre, d_W, d_b if need_b else None, None, None
+
+
+class _Decode(torch.autograd.Function):
+    """(values, index, offsets, W_dec) -> acts @ W_dec [B, D_out] through the active rows only."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, index: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
+        ctx.save_for_backward(values, index, offsets, W_dec)
+        return F_.embedding_bag(index, W_dec, offsets, mode="sum", per_sample_weights=values,
+                                include_last_offset=True)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        values, index, offsets, W_dec = ctx.saved_tensors
+        d_values = d_W = None
+        d_out = d_out.contiguous()
+        if ctx.needs_input_grad[0]:
+            pattern = _csr(offsets, index, torch.ones_like(values), W_dec.shape[0])
+            d_values = torch.sparse.sampled_addmm(pattern, d_out, W_dec.T, beta=0.0).values()
+        if ctx.needs_input_grad[3]:
+            d_W = _csr(offsets, index, values, W_dec.shape[0]).t() @ d_out
+        return d_values, None, None, d_W
+
+
+def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selection,
+                  centre: Tensor | None = None, chunk: int = CHUNK_ROWS) -> ActiveSet:
+    """The active set of ReLU(select((x - centre) @ W_enc.T + b_enc)), differentiable in x,
+    centre, W_enc and b_enc through the selected entries."""
+    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk)
+    return ActiveSet(values, index, offsets)
+
+
+def sparse_decode(active: ActiveSet, W_dec: Tensor) -> Tensor:
+    """[B, D_out] = acts @ W_dec over the active entries (no decoder bias)."""
+    return _Decode.apply(active.values, active.index, active.offsets, W_dec)

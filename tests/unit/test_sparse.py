@@ -1,0 +1,154 @@
+"""The sparse path (coders/sparse.py) gives the eager reference's loss and gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from monosemantic.coders import CoderConfig, build_coder
+from monosemantic.coders.sparse import BatchTopKSelection, TopKSelection, sparse_decode, sparse_encode
+from monosemantic.train import TrainConfig
+from monosemantic.train.loop import CoderSpec, Trainer
+
+KINDS = ("sae", "transcoder", "skip_transcoder")
+
+
+def _coder(activation: str, kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    extra = {"k": 4} if activation in ("topk", "batchtopk") else {}
+    cfg = CoderConfig(d_in=16, n_features=64, kind=kind, d_out=None if kind == "sae" else 12,
+                      activation=activation, **extra)
+    coder = build_coder(cfg)
+    with torch.no_grad():  # every parameter non-trivial, so every gradient term is exercised
+        coder.b_dec.normal_()
+        coder.b_enc.normal_(0, 0.5)
+        coder.W_dec.mul_(torch.rand(64, 1) + 0.5)
+        if coder.W_skip is not None:
+            coder.W_skip.normal_(0, 0.1)
+        if activation == "jumprelu":
+            coder.threshold.uniform_(0.1, 1.0)
+    x = torch.randn(300, 16) * 2
+    y = torch.randn(300, cfg.d_output)
+    return coder, x, y
+
+
+def _loss_and_grads(coder, fn, x, y):
+    coder.zero_grad(set_to_none=True)
+    out = fn(x)
+    loss = (y - out).pow(2).sum(-1).mean()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in coder.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("activation,mode", [("topk", "train"), ("topk", "eval"), ("batchtopk", "train"),
+                                             ("batchtopk", "eval"), ("jumprelu", "eval")])
+def test_sparse_path_matches_eager(activation, mode, kind):
+    coder, x, y = _coder(activation, kind)
+    if activation == "batchtopk":
+        coder.train()
+        coder(x)  # calibrate the threshold, so eval uses it
+    coder.train(mode == "train")
+    saved = [b.clone() for b in coder.buffers()]
+    eager_loss, eager_grads = _loss_and_grads(coder, lambda v: coder(v).out, x, y)
+    eager_buffers = [b.clone() for b in coder.buffers()]
+    with torch.no_grad():
+        eager_acts = coder(x).acts
+    for b, s in zip(coder.buffers(), saved):
+        b.copy_(s)
+    sparse_loss, sparse_grads = _loss_and_grads(coder, lambda v: coder.forward_sparse(v).out, x, y)
+    assert sparse_loss == pytest.approx(eager_loss, rel=1e-5)
+    expected = {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"W_skip"} if kind == "skip_transcoder" else set())
+    assert expected <= set(sparse_grads)
+    for name, g in eager_grads.items():
+        if name == "threshold":  # jumprelu's straight-through gradient belongs to training
+            continue
+        assert torch.allclose(sparse_grads[name], g, atol=1e-5, rtol=1e-4), name
+    for b, e in zip(coder.buffers(), eager_buffers):  # batchtopk's threshold moved the same way
+        assert torch.allclose(b, e)
+    for b, s in zip(coder.buffers(), saved):
+        b.copy_(s)
+    active = coder.forward_sparse(x).active
+    assert torch.allclose(active.to_dense(64), eager_acts, atol=1e-5)
+    assert active.l0() == pytest.approx(float((eager_acts > 0).sum(-1).float().mean()))
+    assert torch.equal(active.fired(64), (eager_acts > 0).any(0))
+
+
+def test_penalty_architectures_in_training_have_no_sparse_path():
+    for activation in ("jumprelu", "relu", "gated"):
+        coder, x, _ = _coder(activation, "sae")
+        coder.train()
+        assert not coder.has_sparse_path
+        with pytest.raises(ValueError, match="no sparse path"):
+            coder.forward_sparse(x)
+
+
+def test_batchtopk_selection_widens_when_one_row_holds_the_batch():
+    # row 0 has every feature far above the rest of the batch: its top 4k candidates are all
+    # selected and its (4k+1)-th value would be too, so the selection must fall back to the full row
+    torch.manual_seed(1)
+    W, b = torch.randn(64, 8), torch.zeros(64)
+    x = torch.randn(5, 8) * 0.01
+    x[0] = W.sum(0) / W.sum(0).norm() * 50  # aligned with most features
+    k = 2
+    active = sparse_encode(x, W, b, BatchTopKSelection(k, 64, candidates=2))
+    pre = torch.addmm(b, x, W.T).clamp_min(0).flatten()
+    vals, pos = pre.topk(k * 5)
+    dense = torch.zeros(5 * 64).index_put_((pos,), vals).view(5, 64)
+    assert torch.allclose(active.to_dense(64), dense)
+    assert int(active.offsets[1]) > 2  # row 0 kept more than its first candidates
+
+
+def test_empty_rows_and_empty_batch():
+    W, b = torch.randn(32, 8), torch.full((32,), -100.0)
+    from monosemantic.coders.sparse import ThresholdSelection
+
+    x = torch.randn(3, 8)
+    active = sparse_encode(x, W, b, ThresholdSelection(0.0))  # nothing fires
+    assert active.values.numel() == 0 and active.offsets.tolist() == [0, 0, 0, 0]
+    assert torch.equal(sparse_decode(active, torch.randn(32, 5)), torch.zeros(3, 5))
+    empty = sparse_encode(x[:0], W, b, TopKSelection(2))
+    assert empty.n_rows == 0
+
+
+@pytest.mark.parametrize("kind", ("sae", "transcoder"))
+def test_sparse_auxk_matches_eager(kind):
+    coder, x, y = _coder("topk", kind)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    with torch.no_grad():
+        out = coder(x)
+
+    def aux(pre_acts):
+        coder.zero_grad(set_to_none=True)
+        loss = coder.auxk_loss(x, y, pre_acts, dead, 8, out=out.out)
+        loss.backward()
+        return float(loss.detach()), coder.W_enc.grad.clone(), coder.W_dec.grad.clone(), coder.b_enc.grad.clone()
+
+    eager = aux(coder.encode(x).pre_acts)
+    sparse = aux(None)
+    assert sparse[0] == pytest.approx(eager[0], rel=1e-5)
+    for e, s in zip(eager[1:], sparse[1:]):
+        assert torch.allclose(s, e, atol=1e-5)
+        assert s[~dead].abs().max() == 0  # only dead features learn from AuxK
+
+
+@pytest.mark.parametrize("activation", ("topk", "batchtopk"))
+def test_trainer_sparse_path_equals_eager(tmp_path, activation):
+    torch.manual_seed(0)
+    data = torch.randn(8 * 64, 16) @ torch.randn(16, 16)
+
+    def batches(start):
+        for s in range(start, 8):
+            yield {"h": data[s * 64:(s + 1) * 64]}
+
+    base = TrainConfig(activation=activation, n_features=48, k=4, tokens=8 * 64, batch_size=64,
+                       lr=3e-3, dead_tokens=64, checkpoint_every=100)
+    coders = {}
+    for sparse in (True, False):
+        cfg = dataclasses.replace(base, sparse_path=sparse)
+        trainer = Trainer([CoderSpec("c", "h", cfg)], {"h": 16}, tmp_path / str(sparse))
+        coders[sparse] = trainer.fit(batches, progress=False)["c"]
+        assert trainer.states[0].dead.dead_mask.any()  # AuxK took part
+    for (name, a), b in zip(coders[True].state_dict().items(), coders[False].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
