@@ -208,11 +208,17 @@ def cmd_info(args: InfoArgs) -> int:
 
 
 def _coder_folders(paths: list[str]) -> list[Path]:
+    """Coder folders (ours, eai-sparsify's or SAELens'), run folders and folders of hookpoint
+    sub-folders; an HF hub repo id (owner/name) that is not a local path is downloaded first."""
+    from .coders.interop import download
+
     folders = []
     for p in map(Path, paths):
+        if not p.exists() and p.as_posix().count("/") == 1:
+            p = download(p.as_posix())
         if (p / "cfg.json").exists():
             folders.append(p)
-        elif (p / "run.json").exists():
+        elif (p / "run.json").exists() or any(p.glob("*/cfg.json")):
             folders.extend(sorted(q.parent for q in p.glob("*/cfg.json")))
         else:
             raise ValueError(f"{p} is neither a coder folder (cfg.json) nor a run folder (run.json)")
@@ -223,7 +229,7 @@ def _coder_folders(paths: list[str]) -> list[Path]:
 
 def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: int, ctx_len: int,
               forward_batch: int, splice: bool, lm=None) -> None:
-    from .coders import load_coder
+    from .coders.interop import adapt_hookpoints, load_any
     from .data import load_corpus, special_token_ids
     from .evaluate import evaluate_coders, write_report
     from .metrics import format_table
@@ -240,7 +246,7 @@ def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: 
     lm = lm or load_model(model)
     coders, limits = {}, {}
     for f in folders:
-        coders[f.name] = load_coder(f)
+        coders[f.name] = adapt_hookpoints(load_any(f), lm.model)  # any layout; peers' names
         info = f / "training.json"
         if info.exists():
             t = read_json(info)
@@ -313,7 +319,7 @@ def cmd_eval(args: EvalArgs) -> int:
 
 
 def cmd_refit(args: RefitArgs) -> int:
-    from .coders import load_coder
+    from .coders.interop import adapt_hookpoints, load_any
     from .data import load_corpus, special_token_ids
     from .evaluate.shrinkage import collect_activations, refit_magnitudes
     from .models import load_model
@@ -325,8 +331,8 @@ def cmd_refit(args: RefitArgs) -> int:
     model, corpus = args.model or source.get("model"), args.corpus or source.get("corpus")
     if not model or not corpus:
         raise ValueError(f"no run.json next to {folder}: pass --model and --corpus")
-    coder = load_coder(folder)
     lm = load_model(model)
+    coder = adapt_hookpoints(load_any(folder), lm.model)  # ours, sparsify's or SAELens' layout
     hps = [coder.cfg.hookpoint] + ([coder.cfg.out_hookpoint] if coder.cfg.out_hookpoint else [])
     docs = load_corpus(corpus, "train").documents
     acts = collect_activations(lm, docs, hps, args.tokens, exclude_ids=special_token_ids(lm.tokenizer))

@@ -310,7 +310,7 @@ def test_load_any_dispatch_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     coder = load_any("owner/sae-repo", hookpoint="layers.2")
     assert calls[-1] == ("owner/sae-repo", ["layers.2/*"]) and coder.cfg.hookpoint == "layers.2"
-    with pytest.raises(ValueError, match="could not download HF hub repo 'owner/offline'.*no connection"):
+    with pytest.raises(ValueError, match="downloading it as HF hub repo 'owner/offline' failed.*no connection"):
         load_any("owner/offline")
     with pytest.raises(FileNotFoundError, match="neither a folder nor an HF hub repo"):
         load_any("no/such/folder")
@@ -327,3 +327,22 @@ def test_match_hookpoint_on_a_tiny_llama(llama):
     assert match_hookpoint("blocks.0.hook_attn_out", model) == "model.layers.0.self_attn"
     with pytest.raises(ValueError, match="blocks.7.hook_resid_post.*not a module"):
         match_hookpoint("blocks.7.hook_resid_post", model)
+
+
+def test_cli_eval_and_refit_read_a_sparsify_folder(tiny_model_folder, documents, tmp_path):
+    from monosemantic.cli import main
+
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(documents * 5))
+    width, feats = 32, 64  # the tiny Llama's width
+    t = {"encoder.weight": rand(feats, width, seed=1), "encoder.bias": rand(feats, seed=2, scale=0.1),
+         "W_dec": rand(feats, width, seed=3, scale=0.2), "b_dec": rand(width, seed=4, scale=0.1)}
+    folder = write(tmp_path / "peer" / "layers.1", {**sparsify_cfg(), "num_latents": feats, "d_in": width},
+                   t, "sae.safetensors")  # sparsify names hookpoints inside the base model
+    common = ["--model", str(tiny_model_folder), "--corpus", str(text)]
+    assert main(["eval", str(tmp_path / "peer"), "--tokens", "64", "--ctx-len", "32", "--no-splice", *common]) == 0
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["l0"] <= K and metrics["fvu"] > 0
+    assert main(["refit", str(folder), "--tokens", "256", "--eval-tokens", "0", *common]) == 0
+    refit = load_coder(tmp_path / "peer" / "layers.1-refit")  # saved in our layout
+    assert refit.cfg.hookpoint == "model.layers.1" and refit.cfg.k == K

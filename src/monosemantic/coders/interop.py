@@ -36,6 +36,7 @@ architectures) raises a ValueError saying what is unsupported. Files are safeten
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -99,7 +100,7 @@ def load_any(path_or_repo: str | Path, hookpoint: str | None = None,
     or folder holding one coder per hookpoint (sparsify's, SAELens releases) needs `hookpoint`."""
     path = Path(path_or_repo)
     if not path.exists():
-        path = _download(str(path_or_repo), hookpoint)
+        path = download(str(path_or_repo), hookpoint)
     folder = path / hookpoint if hookpoint else path
     if hookpoint and not folder.is_dir():
         subs = sorted(p.parent.name for p in path.glob(f"*/{CFG_FILE}"))
@@ -114,7 +115,8 @@ def load_any(path_or_repo: str | Path, hookpoint: str | None = None,
     return load_coder(folder, device=device)
 
 
-def _download(repo: str, hookpoint: str | None) -> Path:
+def download(repo: str, hookpoint: str | None = None) -> Path:
+    """The local snapshot of HF hub repo `repo` (only its `hookpoint` subfolder when given)."""
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise FileNotFoundError(f"{repo} is neither a folder nor an HF hub repo id (owner/name)")
     try:
@@ -126,10 +128,10 @@ def _download(repo: str, hookpoint: str | None) -> Path:
     try:
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as err:  # offline, unknown repo, gated repo: say which and why
-        raise ValueError(f"could not download HF hub repo {repo!r}"
-                         f"{f' (hookpoint {hookpoint})' if hookpoint else ''}: "
-                         f"{type(err).__name__}: {str(err)[:300]}. Check the repo id and the "
-                         "network, or download the folder elsewhere and pass its path") from err
+        raise ValueError(f"{repo} is not a local folder, and downloading it as HF hub repo "
+                         f"{repo!r}{f' (hookpoint {hookpoint})' if hookpoint else ''} failed: "
+                         f"{type(err).__name__}: {str(err)[:300]}. Check the path or repo id and "
+                         "the network, or download the folder elsewhere and pass its path") from err
 
 
 def match_hookpoint(name: str, model: nn.Module) -> str:
@@ -158,6 +160,18 @@ def match_hookpoint(name: str, model: nn.Module) -> str:
                 return f"{layer}.{child}"
     raise ValueError(f"the coder's hookpoint {name!r} is not a module of {type(model).__name__}; "
                      "list the model's hookpoints with `monosemantic info --model MODEL`")
+
+
+def adapt_hookpoints(coder: SparseCoder, model: nn.Module) -> SparseCoder:
+    """`coder` with its hookpoint names (metadata) renamed to `model`'s by `match_hookpoint`;
+    empty names are left empty."""
+    c = coder.cfg
+    new = {k: match_hookpoint(v, model) for k, v in
+           (("hookpoint", c.hookpoint), ("out_hookpoint", c.out_hookpoint)) if v}
+    if any(new[k] != getattr(c, k) for k in new):
+        logger.info("coder hookpoints %s -> %s", {k: getattr(c, k) for k in new}, new)
+        coder.cfg = dataclasses.replace(c, **new)
+    return coder
 
 
 # ---- eai-sparsify ----------------------------------------------------------------------------
