@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .toy import ToyConfig
 from .train.config import TrainConfig
+from .train.distributed import DistConfig, DistributedError
 
 import simple_parsing
 from simple_parsing import field
@@ -86,6 +87,9 @@ class TrainArgs(ModelCorpusArgs):
     forward_batch: int = 8
     """Contexts per forward pass of the model."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Under torchrun (`torchrun --nproc-per-node N -m monosemantic train ...`): how the ranks split
+    the work; see SCALING.md."""
 
 
 @dataclass
@@ -303,8 +307,19 @@ def cmd_train(args: TrainArgs) -> int:
         except ValueError as err:
             raise ValueError(f"{err}: the corpus is too small for a held-out split; add documents "
                              "or pass --eval-tokens 0") from err
-    train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
-                    text_field=args.text_field)
+    from .train.distributed import init_distributed
+
+    parallel = init_distributed(args.dist)  # one process unless launched by torchrun
+    try:
+        train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
+                        text_field=args.text_field, parallel=parallel)
+    finally:
+        if parallel.world > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if not parallel.is_main:  # rank 0 reports and evaluates
+        return 0
     print(f"trained {len(specs)} coder(s) -> {args.out}")
     if args.eval_tokens > 0:
         _evaluate([Path(args.out) / s.name for s in specs], lm.name, args.corpus, "eval",
@@ -425,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     _, run = COMMANDS[args.command]
     try:
         return run(args.args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -172,13 +172,19 @@ class ActivationCache:
         return _to_tensor(out)
 
     def batches(self, batch_size: int, seed: int = 0, start_step: int = 0,
-                hookpoints: list[str] | None = None, shuffle: bool = True
-                ) -> Iterator[dict[str, Tensor]]:
+                hookpoints: list[str] | None = None, shuffle: bool = True, rank: int = 0,
+                world_size: int = 1) -> Iterator[dict[str, Tensor]]:
         """Endless batches over the cache, epoch after epoch, each epoch a fresh permutation.
 
         Batch `s` depends only on (seed, s), so a resumed run starting at `start_step` sees
-        exactly the batches an uninterrupted one would.
+        exactly the batches an uninterrupted one would. With `world_size` > 1, yield only rows
+        [batch_size * rank // world_size, batch_size * (rank + 1) // world_size) of each batch:
+        the ranks of a distributed run read disjoint parts whose concatenation in rank order is
+        the batch one process reads.
         """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        lo, hi = batch_size * rank // world_size, batch_size * (rank + 1) // world_size
         hookpoints = hookpoints or self.hookpoints
         n = len(self)
         if n < batch_size:
@@ -191,10 +197,10 @@ class ActivationCache:
                 perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
             for j in range(offset, per_epoch):
                 if shuffle:
-                    idx = np.sort(perm[j * batch_size:(j + 1) * batch_size])
+                    idx = np.sort(perm[j * batch_size:(j + 1) * batch_size])[lo:hi]
                     yield {h: self.gather(h, idx) for h in hookpoints}
                 else:
-                    yield {h: self.read(h, j * batch_size, (j + 1) * batch_size) for h in hookpoints}
+                    yield {h: self.read(h, j * batch_size + lo, j * batch_size + hi) for h in hookpoints}
                 step += 1
 
 

@@ -1,6 +1,10 @@
 """Checkpoints: every coder's weights, optimizer state and dead-feature counters in ONE
 safetensors file (so all coders of a run are always at the same step), with the scalar state as
 JSON in the file's metadata. Written atomically; never unpickled.
+
+A layer-distributed run (train/distributed.py) adds part files written by the other ranks before
+rank 0 writes the main file, which names them in its state ("parts"); `load_checkpoint` merges them,
+so callers see one checkpoint whatever the number of ranks that wrote it.
 """
 
 from __future__ import annotations
@@ -45,13 +49,28 @@ def save_checkpoint(path: Path, tensors: dict[str, Tensor], state: dict) -> None
     atomic_save_safetensors(path, tensors, metadata={"format": FORMAT, "state": json.dumps(state)})
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict]:
+def load_checkpoint(path: Path, names: list[str] | None = None) -> tuple[dict[str, Tensor], dict]:
+    """(tensors, state) of the checkpoint at `path`, with the part files it names (written by the
+    other ranks of a layer-distributed run) merged in. `names`: only these coders' tensors."""
+    tensors, state = _load_one(path, names)
+    for part in state.pop("parts", []):
+        more, theirs = _load_one(path.parent / part, names)
+        if theirs["step"] != state["step"]:
+            raise ValueError(f"checkpoint part {part} is from step {theirs['step']}, not "
+                             f"{state['step']}; the checkpoint is inconsistent")
+        tensors.update(more)
+        state["coders"].update(theirs["coders"])
+    return tensors, state
+
+
+def _load_one(path: Path, names: list[str] | None) -> tuple[dict[str, Tensor], dict]:
     from safetensors import safe_open
 
+    heads = None if names is None else tuple(f"{n}/" for n in names)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys() if heads is None or k.startswith(heads)}
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"checkpoint {path} is corrupt or truncated ({err}); delete it to start "
                          "the run over, or restore it from a backup") from err

@@ -11,6 +11,7 @@ and its Adam moments are reset.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ class DeadTracker:
     def __init__(self, n_features: int, dead_tokens: int):
         self.since_fired = torch.zeros(n_features, dtype=torch.int64)
         self.dead_tokens = dead_tokens
+        self.reduce: Callable[[Tensor, int], tuple[Tensor, int]] | None = None
+        """Set by data-parallel training (train/distributed.py): this rank's (fired, n_tokens) ->
+        the whole batch's, so every rank keeps the same counters."""
 
     def update(self, acts: Tensor) -> None:
         """acts [B, F]: the batch's dense activations."""
@@ -31,6 +35,8 @@ class DeadTracker:
 
     def update_fired(self, fired: Tensor, n_tokens: int) -> None:
         """fired [F] bool: which features fired in a batch of n_tokens."""
+        if self.reduce is not None:
+            fired, n_tokens = self.reduce(fired, n_tokens)
         self.since_fired += n_tokens
         self.since_fired[fired.cpu()] = 0
 

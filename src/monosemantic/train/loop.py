@@ -35,6 +35,7 @@ from ..utils import atomic_write_json, read_json
 from .checkpoint import load_checkpoint, pack_optimizer, save_checkpoint, unpack_optimizer
 from .config import Resolved, TrainConfig, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
+from .distributed import Parallel
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = "monosemantic.run/1"
@@ -78,7 +79,10 @@ class Trainer:
     """Train `specs` on `batches`, writing checkpoints and final coders under `out`."""
 
     def __init__(self, specs: list[CoderSpec], widths: dict[str, int], out: str | Path,
-                 source: dict | None = None, device: str | torch.device = "cpu"):
+                 source: dict | None = None, device: str | torch.device = "cpu",
+                 parallel: Parallel | None = None):
+        """`parallel`: this process's place in a torchrun run (train/distributed.py); default: the
+        initialised process group in data mode, or one process."""
         if not specs:
             raise ValueError("no coders to train")
         names = [s.name for s in specs]
@@ -103,8 +107,9 @@ class Trainer:
                                 "out_hookpoint": s.out_hookpoint, "config": s.config.to_dict(),
                                 "d_in": widths[s.hookpoint],
                                 "d_out": widths[s.out_hookpoint or s.hookpoint]} for s in specs]}
-        self._claim_folder()
-        self.states = [self._build(s) for s in specs]
+        self.parallel = parallel or Parallel.current()
+        self.parallel.main_first(self._claim_folder, "claim the output folder")
+        self.states = [self._build(s) for s in self.parallel.own(specs, widths)]
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -160,23 +165,26 @@ class Trainer:
         if all(p.exists() for p in final) and (self.out / "done").exists():
             log.info("%s already holds the finished run", self.out)
             return {s.name: SparseCoder.load(str(self.out / s.name)) for s in self.specs}
-        start = self._resume()
-        wandb = self._wandb()
+        start = self.parallel.start(self._resume(), self.states)
+        main = self.parallel.is_main  # rank 0 alone logs and shows progress
+        wandb = self._wandb() if main else None
         bar = tqdm(total=self.steps, initial=start, unit="step", desc="training",
-                   disable=not progress, dynamic_ncols=True)
-        it = batches(start)
+                   disable=not (progress and main), dynamic_ncols=True)
+        it = batches(start)  # in a torchrun run: this rank's rows of each batch
         for step in range(start, self.steps):
-            batch = next(it)
+            batch = self.parallel.exchange(next(it), step)
             if step == 0:
-                self._initialize(batch)
+                self.parallel.initialize(self._initialize, batch, self.states)
             for st in self.states:
                 self._step(st, batch, step)
+            self.parallel.after_step(self.states)
             bar.update(1)
             if step % self.specs[0].config.log_every == 0 or step == self.steps - 1:
-                bar.set_postfix(self._summary())
+                metrics = self.parallel.metrics(self.specs, self.states)
+                bar.set_postfix(_summary(metrics))
                 if wandb is not None:
-                    wandb.log({f"{st.spec.name}/{k}": v for st in self.states
-                               for k, v in st.last.items()}, step=step)
+                    wandb.log({f"{name}/{k}": v for name, last in metrics.items()
+                               for k, v in last.items()}, step=step)
             if (step + 1) % self.specs[0].config.checkpoint_every == 0 and step + 1 < self.steps:
                 self.save_checkpoint(step + 1)
         bar.close()
@@ -220,6 +228,7 @@ class Trainer:
                                      "checkpoint is untouched.")
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.parallel.reduce_gradients(coder, x.shape[0])  # data-parallel: the whole batch's gradient
         if st.constrained:
             coder.remove_gradient_parallel_to_decoder()
         st.opt.step()
@@ -231,7 +240,7 @@ class Trainer:
             st.dead.update_fired(sparse.active.fired(st.res.n_features), x.shape[0])
         if step in st.res.resample_steps:
             gen = torch.Generator().manual_seed(c.seed * 100003 + step)
-            resample_dead(coder, st.opt, x, y, st.dead.dead_mask, gen)
+            resample_dead(coder, st.opt, *self.parallel.gather_rows(x, y), st.dead.dead_mask, gen)
         with torch.no_grad():
             total = (y - y.mean(0)).pow(2).sum()
             st.last = {"loss": float(loss), "fvu": float(err.pow(2).sum() / total),
@@ -250,11 +259,6 @@ class Trainer:
             return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         return x.norm(dim=1) <= mult * st.median_norm
 
-    def _summary(self) -> dict[str, str]:
-        n = len(self.states)
-        mean = {k: sum(st.last.get(k, 0.0) for st in self.states) / n for k in ("fvu", "l0", "dead")}
-        return {"fvu": f"{mean['fvu']:.3f}", "l0": f"{mean['l0']:.1f}", "dead": f"{100 * mean['dead']:.1f}%"}
-
     def _wandb(self):
         project = self.specs[0].config.wandb_project
         if not project:
@@ -268,6 +272,7 @@ class Trainer:
     # ---- checkpoints and the end -------------------------------------------------------------
 
     def save_checkpoint(self, step: int) -> None:
+        self.parallel.sync(self.states)
         tensors: dict[str, Tensor] = {}
         state: dict = {"step": step, "coders": {}}
         for st in self.states:
@@ -279,13 +284,13 @@ class Trainer:
             state["coders"][n] = {"optim": opt_meta, "scale_in": st.scale_in,
                                   "scale_out": st.scale_out, "median_norm": st.median_norm,
                                   "n_outliers": st.n_outliers, "last": st.last}
-        save_checkpoint(self.out / "checkpoint.safetensors", tensors, state)
+        self.parallel.save_checkpoint(self.out / "checkpoint.safetensors", tensors, state)
 
     def _resume(self) -> int:
         path = self.out / "checkpoint.safetensors"
         if not path.exists():
             return 0
-        tensors, state = load_checkpoint(path)
+        tensors, state = load_checkpoint(path, [st.spec.name for st in self.states])
         for st in self.states:
             n = st.spec.name
             sd = {k[len(f"{n}/coder/"):]: v for k, v in tensors.items() if k.startswith(f"{n}/coder/")}
@@ -303,6 +308,7 @@ class Trainer:
         return int(state["step"])
 
     def _finish(self) -> dict[str, SparseCoder]:
+        self.parallel.sync(self.states)
         coders = {}
         for st in self.states:
             coder = st.coder
@@ -310,6 +316,9 @@ class Trainer:
                 coder.fold_decoder_norms()
             coder.fold_scale(st.scale_in, st.scale_out)
             coder.eval()
+            coders[st.spec.name] = coder
+            if not self.parallel.writes_coders:  # data-parallel: rank 0 writes
+                continue
             coder.save(str(self.out / st.spec.name))
             atomic_write_json(self.out / st.spec.name / "training.json", {
                 "steps": self.steps, "tokens": self.steps * st.spec.config.batch_size,
@@ -319,12 +328,14 @@ class Trainer:
                                 f"({st.median_norm:.4g}) at the start of training",
                 "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},
                 "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens})
-            coders[st.spec.name] = coder
-        (self.out / "done").write_text("finished\n")
-        ckpt = self.out / "checkpoint.safetensors"
-        if ckpt.exists():
-            ckpt.unlink()
+        self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
         return coders
+
+
+def _summary(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
+    n = len(metrics)
+    mean = {k: sum(m.get(k, 0.0) for m in metrics.values()) / n for k in ("fvu", "l0", "dead")}
+    return {"fvu": f"{mean['fvu']:.3f}", "l0": f"{mean['l0']:.1f}", "dead": f"{100 * mean['dead']:.1f}%"}
 
 
 def _check_finite(hookpoint: str, x: Tensor, step: int) -> None:
