@@ -151,6 +151,11 @@ class Parallel:
         self.batch_size = 0
         self._outliers: dict[str, int] = {}
         self._patient = None
+        self.timeout = _group_timeout() if world > 1 else None
+        """Seconds a collective waits: the process group's own timeout (the config's when
+        init_distributed made the group)."""
+        if self.timeout is None:
+            self.timeout = self.config.dist_timeout
 
     @classmethod
     def current(cls, config: DistConfig | None = None) -> "Parallel":
@@ -182,7 +187,7 @@ class Parallel:
         except RuntimeError as err:  # torch.distributed's errors (DistError) are RuntimeErrors
             raise DistributedError(
                 f"rank {self.rank} of {self.world}, step {self.step}: {what} failed: another rank "
-                f"died, failed, or did not answer within {self.config.dist_timeout:g} s ({err}). "
+                f"died, failed, or did not answer within {self.timeout:g} s ({err}). "
                 "The last checkpoint is intact: run the same command again, on any number of "
                 "ranks, to resume.") from err
 
@@ -497,6 +502,16 @@ class Parallel:
             for path in [out / "checkpoint.safetensors", *out.glob("checkpoint.part-*.safetensors")]:
                 if path.exists():
                     path.unlink()
+
+
+def _group_timeout() -> float | None:
+    """The default process group's timeout in seconds, or None where this torch does not say
+    (it is only reachable through a private attribute)."""
+    try:
+        backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+        return backend.options._timeout.total_seconds()
+    except Exception:  # a private API: any failure just means "unknown"
+        return None
 
 
 def _part_name(path: Path, rank: int, step: int) -> str:

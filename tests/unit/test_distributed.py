@@ -1,0 +1,338 @@
+"""Distributed training on 2 gloo processes (train/distributed.py), against one process.
+
+Each multi-process test spawns two ranks (torch.multiprocessing, spawn) that join a gloo group
+with a short timeout, and compares what they write with a one-process run made in the test:
+  - data-parallel, B/2 rows per rank, equals one process with B rows after 5 steps (float
+    tolerance), with outlier tokens only in rank 0's rows so the ranks keep unequal counts;
+  - layer-distributed, 4 coders of unequal widths on 2 ranks, each rank running the tiny Llama on
+    its own contexts, equals one process bit for bit; a checkpoint the 2 ranks wrote (with a part
+    file) resumes on 1 process to the same bits;
+  - a rank killed (or stalled) mid-run makes the other raise DistributedError within the timeout
+    instead of hanging, and the run resumes on 1 process;
+  - the README's torchrun command on the tiny model equals the one-process command.
+
+Shapes: D = 16 toy width; the tiny Llama's hookpoints are 32 wide (64 at the MLP down-projection
+input); B rows per global batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from conftest import make_lm, sample_documents
+from monosemantic.coders import load_coder
+from monosemantic.data import ActivationCache, CacheRequest, build_cache
+from monosemantic.data.tokens import iter_contexts
+from monosemantic.hooks import run_to_hookpoints
+from monosemantic.toy import ToyConfig, ToyData
+from monosemantic.train import CoderSpec, TrainConfig, Trainer
+from monosemantic.train.distributed import (DistConfig, Parallel, assign_owners, shard_batches,
+                                            shard_rows)
+from monosemantic.train.toy_run import HOOKPOINT, toy_batches
+from monosemantic.utils import CACHE_ENV, read_json
+
+TOY = ToyConfig(d=16, n_features=32, mean_active=2, seed=1)
+B = 256
+
+
+# ---- launching ranks ----------------------------------------------------------------------------
+
+def _entry(rank: int, world: int, port: int, timeout: float, fn, args, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    try:
+        out = {"ok": True, **(fn(rank, world, *args) or {})}
+    except Exception as err:  # reported to the test, which asserts on it
+        out = {"ok": False, "error": type(err).__name__, "message": str(err)}
+    Path(result).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(fn, folder: Path, *args, world: int = 2, timeout: float = 30.0, wait: float = 180.0,
+           grace: float = 5.0) -> tuple[list[dict], list[int]]:
+    """Run fn(rank, world, *args) on `world` spawned gloo ranks; return each rank's result (what
+    fn returned, or the exception it raised) and the ranks still running `grace` seconds after
+    the others ended (or after `wait`), which are then killed."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    paths = [folder / f"rank{r}.json" for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, timeout, fn, args, str(paths[r])))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline, first_end = time.monotonic() + wait, None
+    while time.monotonic() < deadline and any(p.is_alive() for p in procs):
+        if first_end is None and not all(p.is_alive() for p in procs):
+            first_end = time.monotonic()
+        if first_end is not None and time.monotonic() > first_end + grace:
+            break
+        time.sleep(0.1)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join()
+    results = [json.loads(path.read_text()) if path.exists()
+               else {"ok": False, "exitcode": p.exitcode} for path, p in zip(paths, procs)]
+    return results, hung
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+def _toy_source():
+    """Toy batches of B rows; from step 1 on, rows 3, 7 and 11 (rank 0's half) are outliers."""
+    plain = toy_batches(ToyData(TOY), B, seed=0)
+
+    def from_step(start):
+        for s, b in enumerate(plain(start), start):
+            x = b[HOOKPOINT].clone()
+            if s > 0:
+                x[[3, 7, 11]] = 100.0
+            yield {HOOKPOINT: x}
+    return from_step
+
+
+def _dying(source, rank: int, kill_rank: int, at: int, how: str):
+    def from_step(start):
+        for s, b in enumerate(source(start), start):
+            if rank == kill_rank and s == at:
+                if how == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(600)  # stall: alive but silent
+            yield b
+    return from_step
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(tokens=5 * B, batch_size=B, n_features=48, lr=3e-3, checkpoint_every=100, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+DDP = {"topk": dict(k=3), "relu": dict(activation="relu", coef=0.3),
+       # thresholds above most pre-activations: features die and are resampled at steps 2 and 4
+       "jumprelu": dict(activation="jumprelu", coef=0.01, resample_every=2, jumprelu_init_threshold=4.0),
+       "batchtopk": dict(activation="batchtopk", k=3)}
+
+
+# ---- pure functions ------------------------------------------------------------------------------
+
+def test_rows_split_contiguously_and_owners_balance():
+    for n, world in [(10, 3), (256, 2), (5, 4)]:
+        parts = [shard_rows(n, r, world) for r in range(world)]
+        assert parts[0][0] == 0 and parts[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert max(hi - lo for lo, hi in parts) - min(hi - lo for lo, hi in parts) <= 1
+    # unequal coders: the big one alone, the three small ones together
+    assert assign_owners([4096, 6144, 4096, 16384], 2) == [1, 1, 1, 0]
+    assert assign_owners([5, 5, 5], 2) == [0, 1, 0]
+    assert assign_owners([7], 3) == [0]  # ranks 1 and 2 own nothing: allowed
+
+
+def test_bad_distribute_option():
+    with pytest.raises(ValueError, match="distribute='pipeline': use one of data, layers"):
+        DistConfig(distribute="pipeline")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_cache_ranks_read_parts_that_concatenate_to_the_batch(llama, documents, tmp_path, shuffle):
+    request = CacheRequest(model="tiny-llama-0", corpus="docs", split="train",
+                           hookpoints=("model.layers.1",), n_tokens=500, ctx_len=16, batch_size=2,
+                           contexts_per_shard=4)
+    cache = build_cache(llama, documents, request, tmp_path / "cache", progress=False)
+    for world in (2, 3):
+        whole = cache.batches(100, seed=3, start_step=4, shuffle=shuffle)
+        parts = [cache.batches(100, seed=3, start_step=4, shuffle=shuffle, rank=r, world_size=world)
+                 for r in range(world)]
+        for _ in range(6):  # crosses an epoch (5 batches of 100 in 500 rows)
+            b = next(whole)["model.layers.1"]
+            assert torch.equal(b, torch.cat([next(p)["model.layers.1"] for p in parts]))
+
+
+# ---- data-parallel -------------------------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, out: str) -> dict:
+    for name, kw in DDP.items():
+        trainer = Trainer([CoderSpec(name, HOOKPOINT, _cfg(**kw))], {HOOKPOINT: TOY.d}, Path(out) / name)
+        coder = trainer.fit(shard_batches(_toy_source(), rank, world), progress=False)[name]
+        state = {k: v.contiguous() for k, v in coder.state_dict().items()}
+        save_file({**state, "since_fired": trainer.states[0].dead.since_fired},
+                  f"{out}/{name}-rank{rank}.safetensors")
+    return {}
+
+
+def test_data_parallel_on_two_ranks_equals_one_process(tmp_path):
+    results, hung = launch(_ddp_worker, tmp_path, str(tmp_path / "two"))
+    assert not hung and all(r["ok"] for r in results), results
+    for name, kw in DDP.items():
+        ranks = [load_file(tmp_path / "two" / f"{name}-rank{r}.safetensors") for r in range(2)]
+        for k in ranks[0]:  # every rank ends with the same state, to the bit
+            assert torch.equal(ranks[0][k], ranks[1][k]), (name, k)
+        trainer = Trainer([CoderSpec(name, HOOKPOINT, _cfg(**kw))], {HOOKPOINT: TOY.d},
+                          tmp_path / "one" / name)
+        one = trainer.fit(_toy_source(), progress=False)[name]
+        dropped = [read_json(tmp_path / run / name / name / "training.json")["n_outliers_dropped"]
+                   for run in ("two", "one")]  # "two": written by rank 0, counts of both ranks
+        assert dropped == [12, 12]
+        if name == "batchtopk":
+            continue  # selection is per rank (top k B/2 of each half): see distributed.py
+        assert torch.equal(ranks[0]["since_fired"], trainer.states[0].dead.since_fired), name
+        saved = load_coder(tmp_path / "two" / name / name)
+        for k, v in one.state_dict().items():
+            torch.testing.assert_close(saved.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+
+
+# ---- layer-distributed ---------------------------------------------------------------------------
+
+T, C = 16, 8  # context length, contexts per batch: B = 128 rows
+LAYER_WIDTHS = {"model.layers.0": 32, "model.layers.1": 32, "model.layers.1.post_attention_layernorm": 32,
+                "model.layers.1.mlp": 32, "model.layers.1.mlp.down_proj:input": 64}
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _layer_specs() -> list[CoderSpec]:
+    base = dict(tokens=6 * C * T, batch_size=C * T, lr=3e-3, checkpoint_every=2, log_every=1)
+    return [CoderSpec("l0-topk", "model.layers.0", TrainConfig(k=4, n_features=64, **base)),
+            CoderSpec("l1-batchtopk", "model.layers.1",
+                      TrainConfig(activation="batchtopk", k=4, n_features=96, **base)),
+            CoderSpec("mlp-transcoder", "model.layers.1.post_attention_layernorm",
+                      TrainConfig(kind="transcoder", k=4, n_features=64, **base), "model.layers.1.mlp"),
+            CoderSpec("down-relu", "model.layers.1.mlp.down_proj:input",
+                      TrainConfig(activation="relu", coef=0.3, resample_every=2, n_features=128, **base))]
+
+
+def _lm_rows(rank: int, world: int, stop_at: int = -1):
+    """Each rank runs the tiny Llama on its own contexts of each batch of C."""
+    lm = make_lm("llama")
+    contexts = np.stack(list(iter_contexts(lm.tokenizer, sample_documents(), T, 0)))
+    lo, hi = shard_rows(C, rank, world)
+
+    def from_step(start):
+        for s in itertools.count(start):
+            if s == stop_at:
+                raise Interrupt
+            ids = torch.from_numpy(contexts[[(s * C + i) % len(contexts) for i in range(lo, hi)]])
+            acts = run_to_hookpoints(lm.model, ids, list(LAYER_WIDTHS))
+            yield {h: a.reshape(-1, a.shape[-1]).float() for h, a in acts.items()}
+    return from_step
+
+
+def _layers_worker(rank: int, world: int, out: str) -> dict:
+    specs, layers = _layer_specs(), DistConfig(distribute="layers")
+    trainer = Trainer(specs, LAYER_WIDTHS, Path(out) / "whole", parallel=Parallel.current(layers))
+    owned = sorted(trainer.fit(_lm_rows(rank, world), progress=False))
+    par = trainer.parallel  # the way back (for the end-to-end loss): owners return the rows
+    local = next(_lm_rows(rank, world)(0))
+    full = par.exchange(local, 0)
+    back = par.return_rows({s.name: full[s.hookpoint] for s in specs if par.owner[s.name] == rank},
+                           par.owner, {s.name: LAYER_WIDTHS[s.hookpoint] for s in specs})
+    round_trip = all(torch.equal(back[s.name], local[s.hookpoint]) for s in specs)
+    try:
+        Trainer(specs, LAYER_WIDTHS, Path(out) / "cut", parallel=Parallel.current(layers)).fit(
+            _lm_rows(rank, world, stop_at=5), progress=False)
+    except Interrupt:
+        pass
+    return {"owned": owned, "round_trip": round_trip}
+
+
+def test_layers_on_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
+    results, hung = launch(_layers_worker, tmp_path, str(tmp_path / "two"))
+    assert not hung and all(r["ok"] for r in results), results
+    specs = _layer_specs()
+    owned = [results[r]["owned"] for r in range(2)]
+    assert sorted(owned[0] + owned[1]) == sorted(s.name for s in specs) and all(owned)
+    assert all(r["round_trip"] for r in results)
+    one = Trainer(specs, LAYER_WIDTHS, tmp_path / "one").fit(_lm_rows(0, 1), progress=False)
+    for s in specs:
+        two = load_coder(tmp_path / "two" / "whole" / s.name).state_dict()
+        for k, v in one[s.name].state_dict().items():
+            assert torch.equal(two[k], v), (s.name, k)
+    cut = tmp_path / "two" / "cut"  # stopped at step 5: the checkpoint of step 4, with rank 1's part
+    assert (cut / "checkpoint.safetensors").exists() and (cut / "checkpoint.part-r1-s4.safetensors").exists()
+    resumed = Trainer(specs, LAYER_WIDTHS, cut).fit(_lm_rows(0, 1), progress=False)
+    for s in specs:
+        for k, v in one[s.name].state_dict().items():
+            assert torch.equal(resumed[s.name].state_dict()[k], v), (s.name, k)
+    assert not list(cut.glob("checkpoint*"))
+
+
+# ---- failures ------------------------------------------------------------------------------------
+
+def _dying_worker(rank: int, world: int, out: str, how: str) -> dict:
+    spec = CoderSpec("c", HOOKPOINT, _cfg(k=3, tokens=16 * B, checkpoint_every=5))
+    source = _dying(shard_batches(_toy_source(), rank, world), rank, 1, 12, how)
+    start = time.monotonic()
+    try:
+        Trainer([spec], {HOOKPOINT: TOY.d}, out).fit(source, progress=False)
+    finally:
+        Path(out, f"elapsed{rank}").write_text(str(time.monotonic() - start))
+    return {}
+
+
+@pytest.mark.parametrize("how,timeout", [("kill", 30.0), ("stall", 8.0)])
+def test_a_lost_rank_fails_the_other_cleanly_and_the_run_resumes(tmp_path, how, timeout):
+    out = tmp_path / "run"
+    results, hung = launch(_dying_worker, tmp_path, str(out), how, timeout=timeout)
+    assert hung == ([1] if how == "stall" else [])
+    assert results[0]["error"] == "DistributedError", results
+    assert "rank 0 of 2, step 12" in results[0]["message"] and "resume" in results[0]["message"]
+    if how == "stall":
+        assert f"did not answer within {timeout:g} s" in results[0]["message"]
+    assert float((out / "elapsed0").read_text()) < timeout + 60  # failed, did not hang
+    spec = CoderSpec("c", HOOKPOINT, _cfg(k=3, tokens=16 * B, checkpoint_every=5))
+    assert (out / "checkpoint.safetensors").exists()
+    resumed = Trainer([spec], {HOOKPOINT: TOY.d}, out).fit(_toy_source(), progress=False)["c"]  # on 1
+    whole = Trainer([spec], {HOOKPOINT: TOY.d}, tmp_path / "one").fit(_toy_source(), progress=False)["c"]
+    for k, v in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+def test_torchrun_command_equals_one_process(tiny_model_folder, text_file, tmp_path, monkeypatch):
+    from monosemantic.cli import main
+
+    args = [str(tiny_model_folder), str(text_file), "--hookpoints", "model.layers.0", "model.layers.1",
+            "--tokens", "2048", "--batch-size", "256", "--expansion", "2", "--k", "4",
+            "--eval-tokens", "0", "--checkpoint-every", "3"]
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "-m", "monosemantic", "train", *args,
+                          "--out", str(tmp_path / "two"), "--dist-timeout", "60"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("trained 2 coder(s)") == 1  # rank 0 reports
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
+    for name in ("model.layers.0", "model.layers.1"):
+        one = load_coder(tmp_path / "one" / name).state_dict()
+        for k, v in load_coder(tmp_path / "two" / name).state_dict().items():
+            torch.testing.assert_close(v, one[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["done", "model.layers.0",
+                                                                    "model.layers.1", "run.json"]
