@@ -1,0 +1,132 @@
+"""What every training worker shares: arguments, the batches, the timed loop, the JSON result.
+
+A worker is run as `PYTHON worker_<impl>.py '<json args>'` with the python of its own environment
+(the peers' from benchmarks/peers/envs.py, ours from the repo's venv), so this file needs only the
+standard library, numpy and torch; it never imports monosemantic.
+
+Batches: the activation cache is read directly (manifest.json + shard-NNNNN.<hookpoint>.npy, the
+layout of monosemantic.data.cache). Epoch e is the permutation numpy.random.default_rng(seed + e)
+of all rows; batch j takes rows [j*B, (j+1)*B) of it, sorted, read through a memory map whose
+pages are released after each batch (MADV_DONTNEED), so the cache never counts in a worker's peak
+RSS. Every implementation sees the same batches in the same order. A batch is read before the
+clock of its step starts.
+
+Args (JSON): cache, hookpoint, batch_size, n_features, k, steps (timed or trained), warmup
+(untimed steps first), seed, threads, lr (null = the implementation's recommended LR),
+warmup_frac (cap of an LR warm-up given in steps), mode ("time" or "train"), out (folder for the
+trained coder in the implementation's own layout, "train" mode).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+def args() -> dict:
+    a = json.loads(sys.argv[1])
+    import torch
+
+    torch.set_num_threads(int(a.get("threads") or os.cpu_count() or 1))
+    torch.manual_seed(int(a.get("seed", 0)))
+    return a
+
+
+class Batches:
+    """Endless float32 batches [B, D] of one hookpoint of a monosemantic activation cache."""
+
+    def __init__(self, cache: str, hookpoint: str, batch_size: int, seed: int = 0):
+        folder = Path(cache)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        stem = hookpoint.replace(":", "@")  # monosemantic.data.cache._safe
+        self.maps, self.arrays, counts = [], [], []
+        for s in manifest["shards"]:
+            path = folder / f"shard-{s['index']:05d}.{stem}.npy"
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read(f)
+                assert not fortran, path
+                header = f.tell()
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.maps.append(mm)
+            self.arrays.append(np.frombuffer(mm, dtype=dtype, offset=header).reshape(shape))
+            counts.append(shape[0])
+        self.width = self.arrays[0].shape[1]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.n, self.batch_size, self.seed = int(self.offsets[-1]), batch_size, seed
+        self.per_epoch = self.n // batch_size
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (sorted global indices) as a new float32 array; the pages read are then dropped
+        from this process (MADV_DONTNEED), so the cache never counts in its peak RSS."""
+        out = np.empty((len(rows), self.width), dtype=np.float32)
+        shard = np.searchsorted(self.offsets, rows, side="right") - 1
+        for s in np.unique(shard):
+            sel = np.nonzero(shard == s)[0]
+            out[sel] = self.arrays[s][rows[sel] - self.offsets[s]]
+            self.maps[s].madvise(mmap.MADV_DONTNEED)
+        return out
+
+    def __iter__(self) -> Iterator["torch.Tensor"]:
+        import torch
+
+        step = 0
+        while True:
+            epoch, j = divmod(step, self.per_epoch)
+            if j == 0:
+                perm = np.random.default_rng(self.seed + epoch).permutation(self.n)
+            rows = np.sort(perm[j * self.batch_size:(j + 1) * self.batch_size])
+            yield torch.from_numpy(self.read(rows))
+            step += 1
+
+
+def timed_loop(step: Callable[[int, "torch.Tensor"], None], batches: Iterator, warmup: int,
+               steps: int) -> list[float]:
+    """Run warmup + steps steps; the seconds of each step after the warm-up."""
+    times = []
+    for i in range(warmup + steps):
+        x = next(batches)
+        t0 = time.perf_counter()
+        step(i, x)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def emit(result: dict) -> None:
+    """The worker's one result line (the orchestrator reads the last line starting RESULT)."""
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def warmup_steps(default: int, total: int, frac: float) -> int:
+    """A peer's LR warm-up in steps, capped at frac x the run (its defaults assume long runs)."""
+    return max(0, min(default, int(frac * total)))
+
+
+def save_reference(folder: str, x: "torch.Tensor", out: "torch.Tensor") -> None:
+    """x [N, D] and the implementation's own output for it [N, D], beside the trained coder, so
+    that the coder as loaded by monosemantic can be checked against the peer's own forward."""
+    from safetensors.torch import save_file
+
+    save_file({"x": x.contiguous(), "out": out.detach().contiguous()}, str(Path(folder) / "reference.safetensors"))
+
+
+def reference_rows(batches: Batches, n: int = 512) -> "torch.Tensor":
+    import torch
+
+    return torch.from_numpy(batches.read(np.arange(min(n, batches.n))))
