@@ -274,9 +274,10 @@ class SparseCoder(nn.Module):
         on unit-norm rows only rotates them (Bricken et al. 2023)."""
         if self.W_dec.grad is None:
             return
-        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(torch.finfo(self.dtype).tiny)
-        parallel = (self.W_dec.grad * unit).sum(1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * unit)
+        # grad -= (grad . w / |w|^2) w, row by row, without [F, D] temporaries
+        sq = torch.linalg.vecdot(self.W_dec, self.W_dec).clamp_min(torch.finfo(self.dtype).tiny)
+        coef = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).div_(sq)
+        self.W_dec.grad.addcmul_(self.W_dec, coef[:, None], value=-1.0)
 
     # ---- folding constants into the weights -------------------------------------------------
 

@@ -75,7 +75,7 @@ class Selection:
     `block(pre [b, F])` returns a part; `finish(parts)` returns (counts [B] int64, index [N] int64,
     values [N]) with entries in row order and values the raw pre-activations (the ReLU is applied by
     `sparse_encode`), or None when the parts cannot decide exactly and the blocks must be redone
-    with `widen()`."""
+    with `widen()`. A part must not hold a view of `pre`: the block's memory is reused."""
 
     def block(self, pre: Tensor):
         raise NotImplementedError
@@ -161,8 +161,12 @@ class _Encode(torch.autograd.Function):
                 select: Selection, chunk: int):
         xin = x if centre is None else x - centre
         result = None
+        # one [chunk, F] block reused for every chunk (no fresh pages per chunk); selections copy
+        # what they keep out of it
+        block = xin.new_empty(min(chunk, xin.shape[0]), W_enc.shape[0])
         while result is None:
-            parts = [select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T))
+            parts = [select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T,
+                                              out=block[:min(chunk, xin.shape[0] - i)]))
                      for i in range(0, xin.shape[0], chunk)]
             result = select.finish(parts) if parts else None
             if not parts:
