@@ -76,3 +76,63 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+
+class prefetch:
+    """Iterate `source` in a background thread, keeping up to `depth` items ready.
+
+    Reading and gathering a batch (numpy / torch calls that release the GIL) then overlaps the
+    training step. An exception in the source is re-raised by `next`. The thread stops when the
+    source ends, on `close()`, or once this object is garbage-collected (a loop left by an
+    exception). The order of items is the source's."""
+
+    def __init__(self, source, depth: int = 2):
+        import queue
+        import threading
+
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        # the thread holds the queue and the event, not self, so self can be collected
+        self._thread = threading.Thread(target=_prefetch_worker, daemon=True, name="monosemantic-prefetch",
+                                        args=(iter(source), self._queue, self._stop))
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, err, done = self._queue.get()
+        if err is not None:
+            raise err
+        if done:
+            raise StopIteration
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __del__(self) -> None:
+        self._stop.set()
+
+
+def _prefetch_worker(it, q, stop) -> None:
+    import queue
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in it:
+            if not put((item, None, False)):
+                return
+        put((None, None, True))
+    except BaseException as err:  # handed to the consumer
+        put((None, err, True))

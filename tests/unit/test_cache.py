@@ -69,6 +69,9 @@ def test_read_and_gather_across_shard_boundaries(cache):
     index = np.array([499, 0, b, b - 1, 250, 3, 250])
     assert torch.equal(cache.gather(h, index), whole[index])
     assert torch.equal(cache.gather("tokens", index), torch.from_numpy(cache.tokens()[index]))
+    ordered = np.sort(np.concatenate([index, [b, b + 1, 498]]))  # the one-copy path for sorted rows
+    assert torch.equal(cache.gather(h, ordered), whole[ordered])
+    assert cache.gather(h, ordered[:0]).shape == (0, 32)
 
 
 def test_batches_are_deterministic_and_resumable(cache):

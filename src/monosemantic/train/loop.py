@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder
 from ..coders.init import initialize
-from ..utils import atomic_write_json, read_json
+from ..utils import atomic_write_json, prefetch, read_json
 from .checkpoint import load_checkpoint, pack_optimizer, save_checkpoint, unpack_optimizer
 from .config import Resolved, TrainConfig, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
@@ -171,7 +171,8 @@ class Trainer:
         wandb = self._wandb() if main else None
         bar = tqdm(total=self.steps, initial=start, unit="step", desc="training",
                    disable=not (progress and main), dynamic_ncols=True)
-        it = batches(start)  # in a torchrun run: this rank's rows of each batch
+        # in a torchrun run: this rank's rows of each batch; read in a thread during the step
+        it = prefetch(batches(start))
         for step in range(start, self.steps):
             batch = self.parallel.exchange(next(it), step)
             if step == 0:
@@ -188,6 +189,7 @@ class Trainer:
                                for k, v in last.items()}, step=step)
             if (step + 1) % self.specs[0].config.checkpoint_every == 0 and step + 1 < self.steps:
                 self.save_checkpoint(step + 1)
+        it.close()
         bar.close()
         if wandb is not None:
             wandb.finish()
