@@ -123,7 +123,8 @@ def save_reference(folder: str, x: "torch.Tensor", out: "torch.Tensor") -> None:
     that the coder as loaded by monosemantic can be checked against the peer's own forward."""
     from safetensors.torch import save_file
 
-    save_file({"x": x.contiguous(), "out": out.detach().contiguous()}, str(Path(folder) / "reference.safetensors"))
+    save_file({"x": x.contiguous(), "out": out.detach().contiguous()},
+              str(Path(folder) / "reference.safetensors"))
 
 
 def reference_rows(batches: Batches, n: int = 512) -> "torch.Tensor":

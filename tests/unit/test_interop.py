@@ -130,7 +130,8 @@ def saelens_case(arch: str, apply_b_dec: bool = True, rescale: bool = False):
     """(cfg, tensors) of a SAELens folder of architecture `arch`."""
     transcoder = "transcoder" in arch
     d_out = D_OUT if transcoder else D
-    t = {"W_enc": rand(D, F, seed=11), "W_dec": rand(F, d_out, seed=12) * torch.linspace(0.4, 2.5, F)[:, None],
+    t = {"W_enc": rand(D, F, seed=11),
+         "W_dec": rand(F, d_out, seed=12) * torch.linspace(0.4, 2.5, F)[:, None],
          "b_dec": rand(d_out, seed=13, scale=0.5)}
     if arch == "gated":
         t.update(b_gate=rand(F, seed=14, scale=0.5), r_mag=rand(F, seed=15, scale=0.3),
@@ -221,7 +222,8 @@ def test_saelens_scale_folding_and_old_formats(tmp_path):
     pre6 = {"d_in": D, "d_sae": F, "hook_point": "blocks.2.hook_resid_pre", "activation_fn_str": "relu",
             "normalize_activations": False, "dtype": "float32"}
     coder = load_saelens(write(tmp_path / "pre6", pre6, t, "sae_weights.safetensors"))
-    torch.testing.assert_close(coder(x).out, saelens_forward({**cfg, "apply_b_dec_to_input": True}, t, x), **TOL)
+    expect = saelens_forward({**cfg, "apply_b_dec_to_input": True}, t, x)  # the pre-6.0 default
+    torch.testing.assert_close(coder(x).out, expect, **TOL)
     assert coder.cfg.hookpoint == "blocks.2.hook_resid_pre"
 
 
@@ -235,7 +237,8 @@ def test_saelens_refuses_what_it_cannot_represent(tmp_path):
         load_saelens(write(tmp_path / "mp", {**cfg, "architecture": "matching_pursuit"}, t,
                            "sae_weights.safetensors"))
     with pytest.raises(ValueError, match="missing tensors \\['threshold'\\]"):
-        load_saelens(write(tmp_path / "jr", {**cfg, "architecture": "jumprelu"}, t, "sae_weights.safetensors"))
+        load_saelens(write(tmp_path / "jr", {**cfg, "architecture": "jumprelu"}, t,
+                           "sae_weights.safetensors"))
 
 
 def our_coder(activation: str, kind: str = "sae"):
@@ -285,7 +288,8 @@ def test_load_any_dispatch_and_errors(tmp_path, monkeypatch):
     ours = our_coder("jumprelu")
     ours.save(str(tmp_path / "ours"))
     assert detect_layout(tmp_path / "ours") == "monosemantic"
-    torch.testing.assert_close(load_any(tmp_path / "ours")(x_batch()).out, load_coder(tmp_path / "ours")(x_batch()).out)
+    x = x_batch()
+    torch.testing.assert_close(load_any(tmp_path / "ours")(x).out, load_coder(tmp_path / "ours")(x).out)
     repo = tmp_path / "repo"
     for h in ("layers.1", "layers.2"):
         write(repo / h, sparsify_cfg(), sparsify_tensors(), "sae.safetensors")
@@ -310,7 +314,7 @@ def test_load_any_dispatch_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     coder = load_any("owner/sae-repo", hookpoint="layers.2")
     assert calls[-1] == ("owner/sae-repo", ["layers.2/*"]) and coder.cfg.hookpoint == "layers.2"
-    with pytest.raises(ValueError, match="downloading it as HF hub repo 'owner/offline' failed.*no connection"):
+    with pytest.raises(ValueError, match="as HF hub repo 'owner/offline' failed.*no connection"):
         load_any("owner/offline")
     with pytest.raises(FileNotFoundError, match="neither a folder nor an HF hub repo"):
         load_any("no/such/folder")
@@ -340,7 +344,8 @@ def test_cli_eval_and_refit_read_a_sparsify_folder(tiny_model_folder, documents,
     folder = write(tmp_path / "peer" / "layers.1", {**sparsify_cfg(), "num_latents": feats, "d_in": width},
                    t, "sae.safetensors")  # sparsify names hookpoints inside the base model
     common = ["--model", str(tiny_model_folder), "--corpus", str(text)]
-    assert main(["eval", str(tmp_path / "peer"), "--tokens", "64", "--ctx-len", "32", "--no-splice", *common]) == 0
+    assert main(["eval", str(tmp_path / "peer"), "--tokens", "64", "--ctx-len", "32", "--no-splice",
+                 *common]) == 0
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["l0"] <= K and metrics["fvu"] > 0
     assert main(["refit", str(folder), "--tokens", "256", "--eval-tokens", "0", *common]) == 0

@@ -261,7 +261,8 @@ def load_saelens(folder: str | Path, device: torch.device | str | None = None,
     if "log_threshold" in t:  # older JumpReLU checkpoints, converted as SAELens does
         t["threshold"] = t.pop("log_threshold").exp()
     scaling = t.pop("scaling_factor", None)  # pre-6.0 finetuning scale of the activations
-    need = {"W_enc", "W_dec", "b_dec"} | ({"b_gate", "r_mag", "b_mag"} if activation == "gated" else {"b_enc"})
+    need = {"W_enc", "W_dec", "b_dec"}
+    need |= {"b_gate", "r_mag", "b_mag"} if activation == "gated" else {"b_enc"}
     need |= {"threshold"} if activation == "jumprelu" else set()
     need |= {"topk_threshold"} if activation == "batchtopk" else set()
     need |= {"W_skip"} if kind == "skip_transcoder" else set()
@@ -270,7 +271,8 @@ def load_saelens(folder: str | Path, device: torch.device | str | None = None,
     n_feat, d_in = W_enc.shape
     d_out = t["b_dec"].shape[0]
     shapes = {"W_dec": (t["W_dec"], (n_feat, d_out))}
-    shapes.update({k: (t[k], (n_feat,)) for k in ("b_enc", "b_gate", "r_mag", "b_mag", "threshold") if k in t})
+    shapes.update({k: (t[k], (n_feat,)) for k in ("b_enc", "b_gate", "r_mag", "b_mag", "threshold")
+                   if k in t})
     if "W_skip" in t:
         shapes["W_skip"] = (t["W_skip"], (d_out, d_in))
     _check_shapes(folder, shapes)
@@ -300,7 +302,7 @@ def load_saelens(folder: str | Path, device: torch.device | str | None = None,
     hook_out = meta.get("hf_hook_name_out") or meta.get("hook_name_out") or (hook if kind != "sae" else "")
     ccfg = CoderConfig(d_in=d_in, n_features=n_feat, kind=kind, d_out=d_out if kind != "sae" else None,
                        activation=activation,
-                       k=round(cfg["k"]) if activation in ("topk", "batchtopk") else None,
+                       k=round(cfg.get("k", 100)) if activation in ("topk", "batchtopk") else None,
                        hookpoint=hook or "", out_hookpoint=hook_out if kind != "sae" else "")
     params = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     if activation == "jumprelu":  # SAELens: relu(h) * (h > theta) == h * (h > max(theta, 0))
