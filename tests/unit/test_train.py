@@ -149,3 +149,45 @@ def test_transcoder_needs_an_output_hookpoint(tmp_path):
     spec = CoderSpec("c", HOOKPOINT, TrainConfig(kind="transcoder", k=3, **BASE))
     with pytest.raises(ValueError, match="needs an output hookpoint"):
         _trainer(tmp_path, [spec])
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "gated", "jumprelu"])
+def test_resampling_resets_every_per_feature_parameter(activation):
+    from monosemantic.coders import CoderConfig, build_coder
+    from monosemantic.train.dead import resample_dead
+
+    torch.manual_seed(0)
+    extra = {"k": 3} if activation == "topk" else {}
+    coder = build_coder(CoderConfig(d_in=8, n_features=16, activation=activation, **extra))
+    opt = torch.optim.Adam(coder.parameters(), lr=1e-2)
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        coder.b_enc.normal_()
+        if activation == "jumprelu":
+            coder.threshold.copy_(torch.linspace(0.1, 1.6, 16))
+        if activation == "gated":
+            coder.r_mag.normal_()
+            coder.b_mag.normal_()
+    out = coder(x)
+    ((x - out.out).pow(2).sum() + out.acts.sum() + out.aux_loss).backward()
+    opt.step()
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 5, 11]] = True
+    idx = dead.nonzero().flatten()
+    assert resample_dead(coder, opt, x, x, dead, torch.Generator().manual_seed(0)) == 3
+    # SAE: the encoder reads the residual direction the decoder writes
+    cos = torch.nn.functional.cosine_similarity(coder.W_enc[idx], coder.W_dec[idx], dim=1)
+    assert torch.allclose(cos, torch.ones(3), atol=1e-5)
+    assert coder.b_enc[idx].abs().max() == 0
+    for p in coder.per_feature_parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[p][key][idx].abs().max() == 0
+            assert opt.state[p][key][~dead].abs().max() > 0
+    if activation == "jumprelu":
+        assert torch.allclose(coder.threshold[idx], coder.threshold[~dead].median().expand(3))
+        assert any(p is coder.threshold for p in coder.per_feature_parameters())
+    if activation == "gated":
+        assert coder.r_mag[idx].abs().max() == 0
+        assert torch.equal(coder.b_mag[idx], coder.b_enc[idx])
+    enc_norm_ratio = coder.W_enc[idx].norm(dim=1).mean() / coder.W_enc[~dead].norm(dim=1).mean()
+    assert float(enc_norm_ratio) == pytest.approx(1.0 if activation == "topk" else 0.2, rel=0.05)

@@ -260,6 +260,26 @@ class SparseCoder(nn.Module):
         var = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / var.clamp_min(torch.finfo(var.dtype).tiny)
 
+    # ---- re-initialising features (dead-feature resampling) ----------------------------------
+
+    @torch.no_grad()
+    def reset_features(self, idx: Tensor, enc_rows: Tensor, dec_rows: Tensor) -> None:
+        """Give features `idx` [n] new encoder rows [n, D_in] and decoder rows [n, D_out], a zero
+        encoder bias, and the architecture's fresh per-feature state (`_reset_feature_state`)."""
+        self.W_enc[idx] = enc_rows
+        self.b_enc[idx] = 0.0
+        self.W_dec[idx] = dec_rows
+        self._reset_feature_state(idx)
+
+    def _reset_feature_state(self, idx: Tensor) -> None:
+        """Hook: per-feature parameters beyond W_enc, b_enc, W_dec (thresholds, gates)."""
+
+    def per_feature_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose first dimension is the feature (their rows belong to one feature each)."""
+        f = self.cfg.n_features
+        return [p for name, p in self.named_parameters()
+                if p.ndim >= 1 and p.shape[0] == f and name != "W_skip"]
+
     # ---- decoder norm -----------------------------------------------------------------------
 
     @torch.no_grad()

@@ -77,6 +77,11 @@ class GatedCoder(SparseCoder):
         return (target - recon).pow(2).sum(-1).mean()
 
     @torch.no_grad()
+    def _reset_feature_state(self, idx: Tensor) -> None:
+        self.r_mag[idx] = 0.0  # magnitude path = gate path, as at initialisation
+        self.b_mag[idx] = self.b_enc[idx]
+
+    @torch.no_grad()
     def _set_encoder(self, W_enc: Tensor, b_enc: Tensor) -> None:
         super()._set_encoder(W_enc, b_enc)
         self.r_mag.zero_()

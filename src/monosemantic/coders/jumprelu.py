@@ -100,6 +100,15 @@ class JumpReLUCoder(SparseCoder):
             return None
         return ThresholdSelection(self.threshold.detach().clamp_min(MIN_THRESHOLD))
 
+    @torch.no_grad()
+    def _reset_feature_state(self, idx: Tensor) -> None:
+        # the median live threshold: the new feature starts on the scale the others settled at
+        alive = torch.ones_like(self.threshold, dtype=torch.bool)
+        alive[idx] = False
+        ref = self.threshold[alive].median() if alive.any() else self.threshold.new_tensor(
+            self.cfg.jumprelu_init_threshold)
+        self.threshold[idx] = ref.clamp_min(MIN_THRESHOLD)
+
     def _l0_penalty(self, acts: Tensor, pre_acts: Tensor) -> Tensor:
         return StepFn.apply(pre_acts, self.theta(), self.cfg.jumprelu_bandwidth).sum(-1).mean()
 

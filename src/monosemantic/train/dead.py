@@ -52,27 +52,41 @@ class DeadTracker:
 @torch.no_grad()
 def resample_dead(coder, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, dead: Tensor,
                   generator: torch.Generator) -> int:
-    """Re-point dead features at badly reconstructed inputs of this batch; return how many."""
+    """Re-point dead features at what the coder misses on badly reconstructed inputs of this
+    batch; return how many.
+
+    Inputs are drawn without replacement (with, when there are more dead features than inputs)
+    with probability proportional to their squared error. Each dead feature's decoder row becomes
+    the drawn input's residual direction (target - output). Its encoder row reads the same
+    direction for an SAE (the residual lives in the input space; a rare feature the coder misses is
+    exactly the residual of the inputs holding it) and the input's direction for a transcoder.
+    Encoder rows get the mean alive encoder norm, times 0.2 for the penalty family (so a new
+    feature does not fire everywhere at once, Bricken et al. 2023) and 1 for the top-k family (a
+    new feature must win the selection to learn at all). Biases are 0; thresholds and gates are
+    reset by the architecture (`reset_features`); Adam moments of every per-feature parameter
+    are zeroed for those rows."""
     idx = dead.nonzero(as_tuple=True)[0].to(coder.W_enc.device)
     if len(idx) == 0:
         return 0
-    err = (coder(x).out - y).pow(2).sum(-1)
+    out = coder(x).out
+    err = (out - y).pow(2).sum(-1)
     if float(err.sum()) <= 0:
         return 0
-    pick = torch.multinomial(err.cpu() / err.sum().cpu(), len(idx), replacement=True,
-                             generator=generator).to(x.device)
-    centre = coder.b_dec if coder.cfg.kind == "sae" else 0.0
-    direction_out = y[pick] - coder(x[pick]).out  # what the coder misses on those inputs
-    direction_out = direction_out / direction_out.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    direction_in = x[pick] - centre
-    direction_in = direction_in / direction_in.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    weights = (err / err.sum()).cpu()
+    replace = len(idx) > int((weights > 0).sum())
+    pick = torch.multinomial(weights, len(idx), replacement=replace, generator=generator).to(x.device)
+    residual = y[pick] - out[pick]
+    direction_out = residual / residual.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    if coder.cfg.kind == "sae":
+        direction_in = direction_out
+    else:
+        direction_in = x[pick] / x[pick].norm(dim=1, keepdim=True).clamp_min(1e-8)
     alive = ~dead.to(coder.W_enc.device)
     enc_norm = coder.W_enc[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
     dec_norm = coder.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
-    coder.W_dec[idx] = direction_out * dec_norm
-    coder.W_enc[idx] = direction_in * 0.2 * enc_norm
-    coder.b_enc[idx] = 0.0
-    for p in (coder.W_enc, coder.b_enc, coder.W_dec):
+    enc_scale = 1.0 if coder.uses_k else 0.2
+    coder.reset_features(idx, direction_in * enc_scale * enc_norm, direction_out * dec_norm)
+    for p in coder.per_feature_parameters():
         state = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
             if key in state:
