@@ -1,11 +1,11 @@
 """monosemantic: `Trainer.fit` on the shared batches, with its default path and defaults.
 
-The Trainer pulls one batch per step from the iterator it is given; a step's time is taken from
-the moment a batch is handed over to the moment the next one is asked for, so the batch reading
-(the same for every implementation) is outside the clock as in the other workers. The last step
-of a run has no next request, so one extra untimed step is run in "time" mode. Everything else
-(LR 2e-4 / sqrt(F / 2^14) unless given, 1% warm-up, decay over the last 20%, AuxK, outlier
-tokens dropped, normalisation folded at the end) is the Trainer's default.
+The Trainer reads its batches from the iterator it is given in a background thread while it steps
+(train/loop.py's prefetch), so a step's time is taken around the Trainer's per-coder step method
+(`Trainer._step`, wrapped here): from the start of one step to the start of the next, so the
+loop's own per-step work (logging, waiting for a batch if the reader falls behind) counts, and the
+end of the last. Everything else (LR 2e-4 / sqrt(F / 2^14) unless given, 1% warm-up, decay over the
+last 20%, AuxK, outlier tokens dropped, normalisation folded at the end) is the Trainer's default.
 """
 
 from __future__ import annotations
@@ -24,25 +24,30 @@ def main() -> None:
     a = args()
     data = Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"])
     train = a.get("out") is not None
-    steps = a["warmup"] + a["steps"] + (0 if train else 1)
+    steps = a["warmup"] + a["steps"]
     cfg = TrainConfig(activation="topk", n_features=a["n_features"], k=a["k"],
                       tokens=steps * a["batch_size"], batch_size=a["batch_size"],
                       lr=a["lr"] or 0.0, seed=a["seed"])
     out = Path(a["out"]) if train else Path(tempfile.mkdtemp(prefix="ours-"))
     trainer = Trainer([CoderSpec("coder", a["hookpoint"], cfg)], {a["hookpoint"]: data.width}, out)
     starts, ends = [], []
+    step = trainer._step  # (state, batch, step): one coder's training step
+
+    def timed_step(*args, **kw):
+        starts.append(time.perf_counter())
+        step(*args, **kw)
+        ends.append(time.perf_counter())
+
+    trainer._step = timed_step
 
     def batches(start: int):
-        for i, x in enumerate(data):
-            if i > 0:
-                ends.append(time.perf_counter())
-            starts.append(time.perf_counter())
+        for x in data:
             yield {a["hookpoint"]: x}
 
     t0 = time.perf_counter()
     trainer.fit(batches, progress=False)
     wall = time.perf_counter() - t0
-    times = [e - s for s, e in zip(starts, ends)][a["warmup"]:a["warmup"] + a["steps"]]
+    times = [b - s for s, b in zip(starts, starts[1:] + ends[-1:])][a["warmup"]:]
     result = {"step_s": times, "wall_s": wall, "lr": trainer.states[0].res.lr}
     if train:
         result.update(folder=str(out / "coder"), layout="monosemantic")
