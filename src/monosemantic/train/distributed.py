@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -151,6 +152,8 @@ class Parallel:
         self.batch_size = 0
         self._outliers: dict[str, int] = {}
         self._patient = None
+        self.comm_seconds = 0.0
+        """Wall time spent in collectives so far (waiting for slower ranks included)."""
         self.timeout = _group_timeout() if world > 1 else None
         """Seconds a collective waits: the process group's own timeout (the config's when
         init_distributed made the group)."""
@@ -180,6 +183,7 @@ class Parallel:
 
     @contextmanager
     def _collective(self, what: str):
+        start = time.perf_counter()
         try:
             yield
         except DistributedError:
@@ -190,6 +194,8 @@ class Parallel:
                 f"died, failed, or did not answer within {self.timeout:g} s ({err}). "
                 "The last checkpoint is intact: run the same command again, on any number of "
                 "ranks, to resume.") from err
+        finally:
+            self.comm_seconds += time.perf_counter() - start
 
     def _all_reduce(self, t: Tensor, op, what: str) -> Tensor:
         buf = t.to(self.device)

@@ -15,6 +15,10 @@ A checkpoint of everything (weights, Adam moments, counters, scalars) is written
 `checkpoint_every` steps; the batch at step s depends only on (seed, s), so a killed run resumes to
 the same bits. At the end the normalisation and decoder norms are folded into the saved weights.
 
+Under torchrun the loop calls `self.parallel` (train/distributed.py) at a few points: `exchange`
+the batch (layers mode: activations to the coders' owners), all-reduce gradients after backward
+(data mode), reduce state after each step; only rank 0 logs, shows progress and writes.
+
 Shapes: B tokens per batch, D width, F features.
 """
 
