@@ -15,7 +15,8 @@ Steps:
      in this process, then every implementation in turn (A B C D A B C D ...), each in a fresh
      process (benchmarks/peers/worker_*.py) running `--warmup` untimed steps and `--steps` timed
      ones on the same batches; tokens/s is the median over all timed steps of batch / step time
-     (the batch is read before a step's clock starts);
+     (a peer's batch is read before its step's clock starts; our Trainer reads the next batch in
+     its own prefetch thread during the step, which therefore counts);
   3. ceilings from the median GEMM rate: dense 12 d n FLOP/token (forward and backward of two
      d x n matrices), sparse-aware 2 d n FLOP/token (the dense encoder forward only);
   4. quality: each implementation trains one epoch with its recommended LR (and 0.5x, 2x with
