@@ -14,8 +14,9 @@ Each runs in fresh spawned processes. A step's clock runs from one call of Paral
 start of a step in the trainer's main thread; batches are read ahead in a background thread) to the
 next, over steps 1..N; tokens/s = global tokens / mean step time. Step 0 (initialisation from the
 first batch: geometric median and the bisection of the encoder scale) is reported apart.
-"comm" is the wall time inside collectives per step (Parallel.comm_seconds), waiting for the other
-rank included. Memory: peak RSS of each rank, and the same before the trainer is built (torch and
+"cpu s/step" is the busiest rank's CPU time per step (all its threads): on a machine shared with
+other jobs it is what the step would take on a core of its own. "comm" is the wall time inside
+collectives per step (Parallel.comm_seconds), waiting for the other rank included. Memory: peak RSS of each rank, and the same before the trainer is built (torch and
 the activation pool), so the difference is the training's own.
 Probes, for the model in SCALING.md: the GEMM rate of the encoder's shape on one thread, and the
 time of an all-reduce of one coder's gradients (2 d n floats) between the two ranks.
@@ -73,7 +74,7 @@ def _worker(rank: int, world: int, port: int, mode: str, n_coders: int, steps: i
 
     class Timed(Parallel):  # the trainer calls exchange at the start of every step
         def exchange(self, batch, step):
-            marks.append((time.perf_counter(), self.comm_seconds))
+            marks.append((time.perf_counter(), self.comm_seconds, time.process_time()))
             return super().exchange(batch, step)
 
     parallel = Timed.current(DistConfig(distribute=mode))
@@ -85,8 +86,9 @@ def _worker(rank: int, world: int, port: int, mode: str, n_coders: int, steps: i
             yield {h: rows for h in HOOKPOINTS[:n_coders]}
 
     trainer.fit(batches, progress=False)
-    (t1, c1), (tn, cn) = marks[1], marks[-1]  # from the start of step 1 to that of the last step
+    (t1, c1, p1), (tn, cn, pn) = marks[1], marks[-1]  # from the start of step 1 to the last's
     result = {"rank": rank, "step_s": (tn - t1) / (len(marks) - 2),
+              "cpu_s": (pn - p1) / (len(marks) - 2),
               "comm_s": (cn - c1) / (len(marks) - 2), "init_s": t1 - marks[0][0],
               "rss_mb": _rss_mb(), "base_rss_mb": base_rss, "coders": len(trainer.states),
               "steps_s": [b[0] - a[0] for a, b in zip(marks, marks[1:])]}
@@ -127,7 +129,8 @@ def run(name: str, mode: str, world: int, n_coders: int, steps: int) -> dict:
     print(name, [[round(t, 3) for t in r["steps_s"]] for r in ranks], flush=True)
     step = max(r["step_s"] for r in ranks)
     row = {"config": name, "ranks": world, "coders": n_coders, "tokens/s": BATCH / step,
-           "step s": step, "comm s/step": max(r["comm_s"] for r in ranks),
+           "step s": step, "cpu s/step": max(r["cpu_s"] for r in ranks),
+           "comm s/step": max(r["comm_s"] for r in ranks),
            "step 0 s": max(r["init_s"] for r in ranks),
            "peak RSS MB/rank": max(r["rss_mb"] for r in ranks),
            "training MB/rank": max(r["rss_mb"] - r["base_rss_mb"] for r in ranks)}
@@ -151,9 +154,10 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"d": D, "n_features": N_FEATURES, "k": K, "batch": BATCH,
                                            "steps": args.steps, "cpu_count": os.cpu_count(),
-                                           "torch": torch.__version__, "rows": rows}, indent=2))
+                                           "torch": torch.__version__, "load": os.getloadavg(),
+                                           "rows": rows}, indent=2))
     print(f"TopK SAE d={D} n={N_FEATURES} k={K}, global batch {BATCH}, {args.steps} timed steps, "
-          f"1 thread per rank, {os.cpu_count()} cores\n")
+          f"1 thread per rank, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}\n")
     print(format_table(rows))
 
 
