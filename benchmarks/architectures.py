@@ -29,14 +29,16 @@ from monosemantic.train import CoderSpec, TrainConfig, Trainer
 GRID = {
     "topk": [{"k": 20}, {"k": 50}],
     "batchtopk": [{"k": 20}, {"k": 50}],
-    "relu": [{"coef": 10.0}],
-    "gated": [{"coef": 12.0}],
+    "relu": [{"coef": 1.0}, {"coef": 2.0}, {"coef": 4.0}],
+    "gated": [{"coef": 1.0}, {"coef": 2.0}, {"coef": 4.0}],
     "jumprelu": [{"coef": 0.3, "jumprelu_init_threshold": 0.5},
                  {"coef": 1.0, "jumprelu_init_threshold": 0.5}],
 }
-"""Sparsity settings aimed at L0 of about 20-60 after 500k tokens, from 100k-token calibration
-runs (relu coef 8 -> L0 34, gated coef 8 -> L0 56; JumpReLU must start its thresholds near their
-final scale, and an initial threshold of 1.0 breaks the initial scale calibration: FVU > 100)."""
+"""Sparsity settings aimed at L0 of about 20-80 after 500k tokens. The l1 coefficients of relu and
+gated do not carry over from short runs: 100k-token calibrations gave relu coef 8 -> L0 34 and
+gated coef 8 -> L0 56, but at 500k tokens relu coef 10 ended at L0 1.1 and gated coef 12 at L0 3.1,
+so they were re-swept at the full budget (1, 2, 4). JumpReLU must start its thresholds near their
+final scale."""
 
 COLORS = {"topk": "C0", "batchtopk": "C1", "relu": "C2", "jumprelu": "C3", "gated": "C4"}
 

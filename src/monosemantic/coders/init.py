@@ -74,23 +74,36 @@ def _kaiming(f: int, d: int, gen: torch.Generator) -> Tensor:
     return (torch.rand(f, d, generator=gen) * 2 - 1) * bound
 
 
+CALIBRATION_ROWS = 1024
+"""Rows of the initialisation sample the encoder-scale bisection evaluates (each of its ~30
+steps is a forward pass; on the whole first batch they cost more than a hundred training steps)."""
+
+
 @torch.no_grad()
-def _calibrate_scale(coder: SparseCoder, x: Tensor, target: Tensor, iters: int = 40) -> None:
+def _calibrate_scale(coder: SparseCoder, x: Tensor, target: Tensor, iters: int = 30) -> None:
     """Scale the encoder by one constant s so the mean reconstruction norm (minus b_dec) matches
     the target's. The norm is non-decreasing in s (a larger s only lets more features through
     thresholds and makes active ones larger), so s is found by bisection in log space; a fixed-
-    point update overshoots when thresholds hold back most features at s = 1."""
+    point update overshoots when thresholds hold back most features at s = 1. Evaluated on the
+    first CALIBRATION_ROWS rows, through the sparse path where the coder has one; 30 halvings of
+    the log-range [1e-6, 1e6] fix s to a relative 3e-8."""
+    x, target = x[:CALIBRATION_ROWS], target[:CALIBRATION_ROWS]
     want = float((target - coder.b_dec).norm(dim=1).mean())
     buffers = {k: v.clone() for k, v in coder.named_buffers()}
     was_training = coder.training
     coder.train()  # batch-dependent architectures select as in training
     current = 1.0
+    skip = coder.skip(x)
 
     def norm_at(s: float) -> float:
         nonlocal current
         coder._rescale_encoder(torch.full_like(coder.b_enc, s / current))
         current = s
-        got = float((coder.decode(coder.encode(x).acts) - coder.b_dec).norm(dim=1).mean())
+        if coder.has_sparse_path:
+            recon = coder.forward_sparse(x).out - (0 if skip is None else skip)
+        else:
+            recon = coder.decode(coder.encode(x).acts)
+        got = float((recon - coder.b_dec).norm(dim=1).mean())
         for k, v in coder.named_buffers():
             v.copy_(buffers[k])
         return got if math.isfinite(got) else math.inf
