@@ -17,6 +17,8 @@ Steps:
      ones on the same batches; tokens/s is the median over all timed steps of batch / step time
      (a peer's batch is read before its step's clock starts; our Trainer reads the next batch in
      its own prefetch thread during the step, which therefore counts);
+     peak RSS is the process's maximum; train RSS is that minus the RSS after imports and data
+     set-up (before the coder exists), compared with weights + Adam state + one batch ("floor");
   3. ceilings from the median GEMM rate: dense 12 d n FLOP/token (forward and backward of two
      d x n matrices), sparse-aware 2 d n FLOP/token (the dense encoder forward only);
   4. quality: each implementation trains one epoch with its recommended LR (and 0.5x, 2x with
@@ -230,7 +232,8 @@ def table(args, runs: dict, gemm: list[float], best: dict, d: int) -> list[dict]
     for impl in runs:
         row = {"impl": impl, "version": IMPLS[impl], "tokens/s": tps[impl],
                "x fastest peer": tps[impl] / fastest, "of sparse ceiling": tps[impl] / sparse,
-               "peak RSS MB": max(r["peak_rss_mb"] for r in runs[impl])}
+               "peak RSS MB": max(r["peak_rss_mb"] for r in runs[impl]),
+               "train RSS MB": max(r.get("train_rss_mb", float("nan")) for r in runs[impl])}
         if impl in best:
             q = best[impl]
             row.update({k: q[k] for k in ("lr", "fvu", "fvu w/o outliers", "l0", "dead %",
@@ -238,6 +241,8 @@ def table(args, runs: dict, gemm: list[float], best: dict, d: int) -> list[dict]
         rows.append(row)
     params = 2 * args.n_features * d + args.n_features + d
     floor_mb = (3 * params + args.batch_size * d) * 4 / 2**20
+    for row in rows:
+        row["train RSS / floor"] = row["train RSS MB"] / floor_mb
     print(f"\nGEMM [{args.batch_size} x {d}] @ [{d} x {args.n_features}]: median {rate:.1f} GFLOP/s "
           f"over {len(gemm)} probes -> dense ceiling {dense:,.0f} tokens/s (12 d n FLOP/token), "
           f"sparse-aware ceiling {sparse:,.0f} tokens/s (2 d n); threads {args.threads}; "

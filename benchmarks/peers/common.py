@@ -107,9 +107,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+_BASELINE: list[float] = []
+
+
+def mark_baseline() -> None:
+    """Record the RSS after imports and data set-up, before the coder and optimizer exist: the
+    result then also carries train_rss_mb = peak - baseline, the memory training itself took
+    (imports alone are 250-700 MB and differ between implementations)."""
+    _BASELINE[:] = [current_rss_mb()]
+
+
 def emit(result: dict) -> None:
     """The worker's one result line (the orchestrator reads the last line starting RESULT)."""
     result.setdefault("peak_rss_mb", peak_rss_mb())
+    if _BASELINE:
+        result.setdefault("train_rss_mb", result["peak_rss_mb"] - _BASELINE[0])
     print("RESULT " + json.dumps(result), flush=True)
 
 

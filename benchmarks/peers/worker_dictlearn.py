@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Batches, args, emit, reference_rows, save_reference, timed_loop, warmup_steps
+from common import Batches, args, emit, reference_rows, save_reference, timed_loop, warmup_steps, mark_baseline
 
 
 def import_trainer():
@@ -39,6 +39,7 @@ def main() -> None:
     TopKTrainer = import_trainer()
     data = Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"])
     norm_batches = iter(Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"] + 10**6))
+    mark_baseline()
     n_norm = int(a.get("norm_batches", 100))  # trainSAE: get_norm_factor(data, steps=100)
     norm_factor = float(torch.stack([next(norm_batches).pow(2).sum(1).mean() for _ in range(n_norm)])
                         .mean().sqrt())

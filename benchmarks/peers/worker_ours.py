@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Batches, args, emit
+from common import Batches, args, emit, mark_baseline
 
 from monosemantic.train import CoderSpec, TrainConfig, Trainer
 
@@ -23,6 +23,7 @@ from monosemantic.train import CoderSpec, TrainConfig, Trainer
 def main() -> None:
     a = args()
     data = Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"])
+    mark_baseline()
     train = a.get("out") is not None
     steps = a["warmup"] + a["steps"]
     cfg = TrainConfig(activation="topk", n_features=a["n_features"], k=a["k"],

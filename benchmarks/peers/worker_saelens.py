@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import Batches, args, emit, reference_rows, save_reference, timed_loop
+from common import Batches, args, emit, reference_rows, save_reference, timed_loop, mark_baseline
 from sae_lens import SAE, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.training.sae_trainer import SAETrainer
@@ -26,6 +26,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 def main() -> None:
     a = args()
     data = Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"])
+    mark_baseline()
     total = a["warmup"] + a["steps"]
     cfg = TopKTrainingSAEConfig(d_in=data.width, d_sae=a["n_features"], k=a["k"], dtype="float32",
                                 device="cpu", use_sparse_activations=False)

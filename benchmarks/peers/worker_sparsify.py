@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import Batches, args, emit, reference_rows, save_reference, timed_loop, warmup_steps
+from common import Batches, args, emit, reference_rows, save_reference, timed_loop, warmup_steps, mark_baseline
 from sparsify import SparseCoder, SparseCoderConfig
 from transformers import get_linear_schedule_with_warmup
 
@@ -28,6 +28,7 @@ from transformers import get_linear_schedule_with_warmup
 def main() -> None:
     a = args()
     source = Batches(a["cache"], a["hookpoint"], a["batch_size"], a["seed"])
+    mark_baseline()
     batches = iter(source)
     first = next(batches)
     d = first.shape[1]
