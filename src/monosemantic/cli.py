@@ -149,10 +149,12 @@ class ToyArgs:
     """Folder for the trained coders and toy.json."""
     toy: ToyConfig = field(default_factory=ToyConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        tokens=4_000_000, batch_size=1024, k=5, lr=3e-3,
+        tokens=4_000_000, batch_size=256, k=5, lr=3e-3, resample_every=400, dead_tokens=25_000,
         jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.5))
-    """Training options; the toy defaults set k to the toy's mean_active (5) and start JumpReLU
-    thresholds near the scale of the normalised pre-activations (see benchmarks/toy_recovery.py)."""
+    """Training options; the toy defaults set k to the toy's mean_active (5), start JumpReLU
+    thresholds near the scale of the normalised pre-activations, and resample features dead for
+    25k tokens every 400 steps for every architecture (rare features are found by resampling;
+    batch 256 beat 1024 at equal tokens: see BENCHMARKS.md)."""
 
 
 def cmd_cache(args: CacheArgs) -> int:
@@ -310,6 +312,8 @@ def cmd_train(args: TrainArgs) -> int:
     from .train.distributed import init_distributed
 
     parallel = init_distributed(args.dist)  # one process unless launched by torchrun
+    if not parallel.is_main:  # rank 0 logs; the others only warn
+        log.setLevel(logging.WARNING)
     try:
         train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
                         text_field=args.text_field, parallel=parallel)
