@@ -6,7 +6,7 @@ with a short timeout, and compares what they write with a one-process run made i
     tolerance), with outlier tokens only in rank 0's rows so the ranks keep unequal counts;
   - layer-distributed, 4 coders of unequal widths on 2 ranks, each rank running the tiny Llama on
     its own contexts, equals one process bit for bit; a checkpoint the 2 ranks wrote (with a part
-    file) resumes on 1 process to the same bits;
+    file) resumes on 1 process, and one that 1 process wrote resumes on 2, to the same bits;
   - a rank killed (or stalled) mid-run makes the other raise DistributedError within the timeout
     instead of hanging, and the run resumes on 1 process;
   - the README's torchrun command on the tiny model equals the one-process command.
@@ -116,15 +116,17 @@ def _toy_source():
     return from_step
 
 
-def _dying(source, rank: int, kill_rank: int, at: int, how: str):
-    def from_step(start):
-        for s, b in enumerate(source(start), start):
-            if rank == kill_rank and s == at:
-                if how == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                time.sleep(600)  # stall: alive but silent
-            yield b
-    return from_step
+class _Dying(Parallel):
+    """Rank `victim` dies (SIGKILL) or stalls (sleeps) as training step `at` begins."""
+
+    victim, at, how = 1, 12, "kill"
+
+    def exchange(self, batch, step):
+        if self.rank == self.victim and step == self.at:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            time.sleep(600)  # stall: alive but silent
+        return super().exchange(batch, step)
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -258,13 +260,18 @@ def _layers_worker(rank: int, world: int, out: str) -> dict:
             _lm_rows(rank, world, stop_at=5), progress=False)
     except Interrupt:
         pass
+    # a checkpoint one process wrote (the test made it before launching us), finished on two
+    Trainer(specs, LAYER_WIDTHS, Path(out).parent / "from-one", parallel=Parallel.current(layers)).fit(
+        _lm_rows(rank, world), progress=False)
     return {"owned": owned, "round_trip": round_trip}
 
 
-def test_layers_on_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
+def test_layers_on_two_ranks_equal_one_process_and_resume_across_world_sizes(tmp_path):
+    specs = _layer_specs()
+    with pytest.raises(Interrupt):  # one process stops at step 5, leaving the checkpoint of step 4
+        Trainer(specs, LAYER_WIDTHS, tmp_path / "from-one").fit(_lm_rows(0, 1, stop_at=5), progress=False)
     results, hung = launch(_layers_worker, tmp_path, str(tmp_path / "two"))
     assert not hung and all(r["ok"] for r in results), results
-    specs = _layer_specs()
     owned = [results[r]["owned"] for r in range(2)]
     assert sorted(owned[0] + owned[1]) == sorted(s.name for s in specs) and all(owned)
     assert all(r["round_trip"] for r in results)
@@ -277,19 +284,22 @@ def test_layers_on_two_ranks_equal_one_process_and_resume_on_one(tmp_path):
     assert (cut / "checkpoint.safetensors").exists() and (cut / "checkpoint.part-r1-s4.safetensors").exists()
     resumed = Trainer(specs, LAYER_WIDTHS, cut).fit(_lm_rows(0, 1), progress=False)
     for s in specs:
+        finished_on_two = load_coder(tmp_path / "from-one" / s.name).state_dict()
         for k, v in one[s.name].state_dict().items():
             assert torch.equal(resumed[s.name].state_dict()[k], v), (s.name, k)
-    assert not list(cut.glob("checkpoint*"))
+            assert torch.equal(finished_on_two[k], v), (s.name, k)
+    assert not list(cut.glob("checkpoint*")) and not list((tmp_path / "from-one").glob("checkpoint*"))
 
 
 # ---- failures ------------------------------------------------------------------------------------
 
 def _dying_worker(rank: int, world: int, out: str, how: str) -> dict:
     spec = CoderSpec("c", HOOKPOINT, _cfg(k=3, tokens=16 * B, checkpoint_every=5))
-    source = _dying(shard_batches(_toy_source(), rank, world), rank, 1, 12, how)
+    _Dying.how = how
     start = time.monotonic()
     try:
-        Trainer([spec], {HOOKPOINT: TOY.d}, out).fit(source, progress=False)
+        Trainer([spec], {HOOKPOINT: TOY.d}, out, parallel=_Dying.current()).fit(
+            shard_batches(_toy_source(), rank, world), progress=False)
     finally:
         Path(out, f"elapsed{rank}").write_text(str(time.monotonic() - start))
     return {}
