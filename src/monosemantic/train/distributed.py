@@ -418,7 +418,8 @@ class Parallel:
             offset += n
 
     def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
-        buf = torch.cat([fired.to(torch.int64), torch.tensor([n_tokens], dtype=torch.int64)])
+        count = torch.tensor([n_tokens], dtype=torch.int64, device=fired.device)
+        buf = torch.cat([fired.to(torch.int64), count])
         buf = self._all_reduce(buf, dist.ReduceOp.SUM, "reducing dead-feature counters")
         return (buf[:-1] > 0).to(fired.device), int(buf[-1])
 
