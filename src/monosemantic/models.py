@@ -180,3 +180,96 @@ def _finish(model: nn.Module, tokenizer, name: str, device) -> LoadedModel:
     model.eval().requires_grad_(False)
     model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name)
+
+
+# ---- where things are in a model, by HF module name --------------------------------------------
+
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+"""Attention submodule names of a decoder block across HF families (Llama/Mistral/Qwen/Gemma: self_attn;
+GPT-2/GPT-J: attn; GPT-NeoX: attention; Falcon/Bloom: self_attention)."""
+OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "o")
+"""The output projection inside the attention module (Llama: o_proj, GPT-2: c_proj, OPT/GPT-J:
+out_proj, GPT-NeoX/Phi: dense, T5: o)."""
+
+
+def decoder_layers(model: nn.Module) -> list[str]:
+    """Module names of the decoder blocks in order: the longest ModuleList named layers, h, blocks
+    or layer (`model.layers` for Llama, `transformer.h` for GPT-2, `gpt_neox.layers`, ...), else
+    the longest ModuleList."""
+    best: tuple[int, int, str] = (0, 0, "")  # (named like a block list, length, name)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            key = (int(name.rsplit(".", 1)[-1] in ("layers", "h", "blocks", "layer")), len(module), name)
+            best = max(best, key)
+    if not best[2]:
+        raise ValueError(f"{type(model).__name__} has no list of decoder blocks (nn.ModuleList)")
+    return [f"{best[2]}.{i}" for i in range(best[1])]
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where an attention block's heads can be read: the concatenated head outputs are the input of
+    its output projection; the block's output (heads mixed into the residual width) is that
+    projection's output."""
+
+    module: str
+    """The attention module, e.g. model.layers.3.self_attn."""
+    out_proj: str
+    """Its output projection, e.g. model.layers.3.self_attn.o_proj."""
+    n_heads: int
+    head_dim: int
+
+    @property
+    def heads_hookpoint(self) -> str:
+        """[..., n_heads x head_dim], heads concatenated in head order."""
+        return f"{self.out_proj}:input"
+
+    @property
+    def output_hookpoint(self) -> str:
+        return self.out_proj
+
+
+def attention_site(model: nn.Module, layer: int | str) -> AttentionSite:
+    """The attention site of decoder block `layer` (an index or a block / attention module name),
+    found by module name; head count and head dim come from the model config and are checked
+    against the projection's input width."""
+    if isinstance(layer, int):
+        block = decoder_layers(model)[layer]
+    else:
+        block = next((b for b in decoder_layers(model) if layer == b or layer.startswith(b + ".")),
+                     None)
+        if block is None:
+            raise ValueError(f"{layer!r} is not inside a decoder block of {type(model).__name__}")
+    attn = next((f"{block}.{n}" for n in ATTENTION_NAMES if _has(model, f"{block}.{n}")), None)
+    if attn is None:
+        raise ValueError(f"block {block} has no attention submodule named any of {ATTENTION_NAMES}")
+    proj = next((f"{attn}.{n}" for n in OUT_PROJ_NAMES if _has(model, f"{attn}.{n}")), None)
+    if proj is None:
+        raise ValueError(f"{attn} has no output projection named any of {OUT_PROJ_NAMES}")
+    cfg = getattr(model, "config", None)
+    heads = next((getattr(cfg, a) for a in ("num_attention_heads", "n_head", "num_heads")
+                  if getattr(cfg, a, None)), None)
+    if heads is None:
+        raise ValueError(f"the config of {type(model).__name__} names no head count")
+    width = projection_matrix(model.get_submodule(proj)).shape[1]
+    head_dim = getattr(cfg, "head_dim", None) or width // heads
+    if heads * head_dim != width:
+        raise ValueError(f"{proj} reads {width} inputs, not {heads} heads x {head_dim}")
+    return AttentionSite(attn, proj, int(heads), int(head_dim))
+
+
+def projection_matrix(module: nn.Module) -> torch.Tensor:
+    """The [D_out, D_in] matrix of a linear layer (nn.Linear, or GPT-2's transposed Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: y = x @ weight + bias
+        return module.weight.T
+    raise TypeError(f"{type(module).__name__} is not a linear projection")
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False

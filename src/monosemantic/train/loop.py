@@ -15,6 +15,10 @@ A checkpoint of everything (weights, Adam moments, counters, scalars) is written
 `checkpoint_every` steps; the batch at step s depends only on (seed, s), so a killed run resumes to
 the same bits. At the end the normalisation and decoder norms are folded into the saved weights.
 
+With an `objective` (train/e2e.py: e2e, e2e+ds, the KL fine-tune) the batches are token contexts:
+the objective runs the clean model on each, the step-0 initialisation and local steps read the
+activations it returns, and spliced steps are its own `step` over all coders at once.
+
 Under torchrun the loop calls `self.parallel` (train/distributed.py) at a few points: `exchange`
 the batch (layers mode: activations to the coders' owners), all-reduce gradients after backward
 (data mode), reduce state after each step; only rank 0 logs, shows progress and writes.
@@ -84,9 +88,10 @@ class Trainer:
 
     def __init__(self, specs: list[CoderSpec], widths: dict[str, int], out: str | Path,
                  source: dict | None = None, device: str | torch.device = "cpu",
-                 parallel: Parallel | None = None):
+                 parallel: Parallel | None = None, objective=None):
         """`parallel`: this process's place in a torchrun run (train/distributed.py); default: the
-        initialised process group in data mode, or one process."""
+        initialised process group in data mode, or one process. `objective`: a
+        train.e2e.SplicedObjective (batches are then token contexts); None = local training."""
         if not specs:
             raise ValueError("no coders to train")
         names = [s.name for s in specs]
@@ -111,7 +116,12 @@ class Trainer:
                                 "out_hookpoint": s.out_hookpoint, "config": s.config.to_dict(),
                                 "d_in": widths[s.hookpoint],
                                 "d_out": widths[s.out_hookpoint or s.hookpoint]} for s in specs]}
+        self.objective = objective
+        if objective is not None:  # recorded only when set: local runs keep their run.json
+            self.run["objective"] = objective.config.to_dict()
         self.parallel = parallel or Parallel.current()
+        if objective is not None and self.parallel.world > 1:
+            raise ValueError("e2e training runs in one process; launch it without torchrun")
         self.parallel.main_first(self._claim_folder, "claim the output folder")
         self.states = [self._build(s) for s in self.parallel.own(specs, widths)]
 
@@ -179,10 +189,16 @@ class Trainer:
         it = prefetch(batches(start))
         for step in range(start, self.steps):
             batch = self.parallel.exchange(next(it), step)
+            clean = None if self.objective is None else self.objective.clean(batch, step)
+            if clean is not None:  # token contexts -> the clean activations at the hookpoints
+                batch = clean.acts
             if step == 0:
                 self.parallel.initialize(self._initialize, batch, self.states)
-            for st in self.states:
-                self._step(st, batch, step)
+            if clean is not None and clean.spliced:
+                self.objective.step(self, clean, step)
+            else:
+                for st in self.states:
+                    self._step(st, batch, step)
             self.parallel.after_step(self.states)
             bar.update(1)
             if step % self.specs[0].config.log_every == 0 or step == self.steps - 1:

@@ -4,6 +4,9 @@ Caching first costs one forward pass (the same one streaming would need), stops 
 deepest hookpoint, and buys exact resumption (the batch at step s depends only on the seed and s)
 and reuse across runs with the same data.
 
+With an e2e loss (train/e2e.py) there is no cache: every step runs the model on token contexts
+of the train split (as many distinct contexts as the budget needs, then epochs over them).
+
 In a torchrun run rank 0 builds the cache while the others wait, then every rank reads its own
 rows of each batch (train/distributed.py); the cache folder must be on a filesystem all ranks see.
 """
@@ -15,15 +18,20 @@ from pathlib import Path
 from ..coders import SparseCoder
 from ..data import CacheRequest, build_cache, load_corpus, special_token_ids
 from .distributed import Parallel
+from .e2e import LossConfig, SplicedObjective, token_batches
 from .loop import CoderSpec, Trainer
 
 
 def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ctx_len: int = 256,
                     forward_batch: int = 8, cache_folder: str | Path | None = None,
                     text_field: str = "text", progress: bool = True,
-                    parallel: Parallel | None = None) -> dict[str, SparseCoder]:
+                    parallel: Parallel | None = None,
+                    loss: LossConfig | None = None) -> dict[str, SparseCoder]:
     """Cache `specs`' hookpoints over the train split of `corpus`, then train every coder
-    (on this rank: all coders in data mode, its own in layers mode)."""
+    (on this rank: all coders in data mode, its own in layers mode). With an e2e `loss`, train
+    through the model on token contexts instead (`train_spliced`)."""
+    if loss is not None and loss.needs_model:
+        return train_spliced(lm, corpus, specs, out, loss, ctx_len, text_field, progress)
     parallel = parallel or Parallel.current()
     cfg = specs[0].config
     hookpoints = []
@@ -46,3 +54,29 @@ def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ct
     return trainer.fit(lambda start: cache.batches(cfg.batch_size, seed=cfg.seed, start_step=start,
                                                    hookpoints=hookpoints, rank=parallel.rank,
                                                    world_size=parallel.world), progress=progress)
+
+
+def train_spliced(lm, corpus: str, specs: list[CoderSpec], out: str | Path, loss: LossConfig,
+                  ctx_len: int = 256, text_field: str = "text",
+                  progress: bool = True) -> dict[str, SparseCoder]:
+    """Train every coder with an e2e loss (or the local + KL fine-tune route) on token contexts
+    of the train split: batch_size tokens per step = batch_size // ctx_len contexts."""
+    from ..hooks import hookpoint_widths
+
+    cfg = specs[0].config
+    contexts = cfg.batch_size // ctx_len
+    if contexts < 1 or cfg.batch_size % ctx_len:
+        raise ValueError(f"batch_size={cfg.batch_size}: e2e training steps on whole contexts, so "
+                         f"the batch size must be a multiple of ctx_len={ctx_len} "
+                         f"(e.g. --batch-size {max(1, contexts) * ctx_len})")
+    hookpoints = list(dict.fromkeys(h for s in specs for h in (s.hookpoint, s.out_hookpoint) if h))
+    widths = hookpoint_widths(lm.model, hookpoints)
+    docs = load_corpus(corpus, "train", text_field=text_field).documents
+    steps = cfg.tokens // cfg.batch_size
+    objective = SplicedObjective(lm.model, loss, specs, steps, special_token_ids(lm.tokenizer))
+    source = {"model": lm.name, "corpus": corpus, "split": "train", "ctx_len": ctx_len}
+    trainer = Trainer(specs, widths, out, source=source, device=next(lm.model.parameters()).device,
+                      objective=objective)
+    batches = token_batches(lm.tokenizer, docs, ctx_len, lm.bos_token_id, contexts,
+                            n_contexts=steps * contexts, seed=cfg.seed)
+    return trainer.fit(batches, progress=progress)
