@@ -10,9 +10,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .evaluate.sweep import SweepGrid
 from .toy import ToyConfig
 from .train.config import TrainConfig
 from .train.distributed import DistConfig, DistributedError
+from .train.e2e import LossConfig
 
 import simple_parsing
 from simple_parsing import field
@@ -75,7 +77,11 @@ class TrainArgs(ModelCorpusArgs):
     held-out text and print the metrics table."""
 
     hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
-    """Input hookpoints (HF module names, globs allowed; ':input' reads a module's input)."""
+    """Input hookpoints (HF module names, globs allowed; ':input' reads a module's input).
+    Attention: attn.N is block N's concatenated head outputs (the input of its output projection,
+    found by module name: model.layers.N.self_attn.o_proj:input on Llama,
+    transformer.h.N.attn.c_proj:input on GPT-2), attn.N.out the attention block's output;
+    eval then reports each feature's share per head."""
     out_hookpoints: list[str] = field(default_factory=list)
     """For transcoders: the output hookpoint of each input hookpoint, in the same order."""
     out: str = "runs/coder"
@@ -87,6 +93,10 @@ class TrainArgs(ModelCorpusArgs):
     forward_batch: int = 8
     """Contexts per forward pass of the model."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: LossConfig = field(default_factory=LossConfig)
+    """The loss: local reconstruction, e2e (KL through the frozen model), e2e+ds, or local with a
+    KL fine-tune at the end (train/e2e.py, Braun et al. 2024). With an e2e loss --batch-size
+    counts tokens of whole contexts (a multiple of --ctx-len) and no activation cache is made."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Under torchrun (`torchrun --nproc-per-node N -m monosemantic train ...`): how the ranks split
     the work; see SCALING.md."""
@@ -114,6 +124,12 @@ class EvalArgs:
     """Contexts per forward pass."""
     no_splice: bool = False
     """Skip the spliced CE/KL passes (reconstruction metrics only; faster)."""
+    inference: str = "encoder"
+    """How feature activations are inferred: encoder (the coder's own), mp (matching pursuit over
+    the trained decoder) or gp (gradient pursuit, Blumensath & Davies 2008); pursuit needs an SAE
+    and --l0 (coders/pursuit.py)."""
+    l0: int = 0
+    """Target L0 of pursuit inference (the number of greedy selections)."""
 
 
 @dataclass
@@ -155,6 +171,35 @@ class ToyArgs:
     thresholds near the scale of the normalised pre-activations, and resample features dead for
     25k tokens every 400 steps for every architecture (rare features are found by resampling;
     batch 256 beat 1024 at equal tokens: see BENCHMARKS.md)."""
+
+
+@dataclass
+class SweepArgs(ModelCorpusArgs):
+    """Hyperparameter sweep: train a grid of coders (widths x k or coefficient x LR) on each
+    hookpoint from one pass over cached activations, evaluate them on held-out text, write
+    sweep.json, sweep.md and pareto.png and name the Pareto frontier. With --fit-rule, fit the LR
+    and coefficient rule from finished sweeps' sweep.json files instead."""
+
+    hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
+    """Hookpoints (as for train, attn.N allowed); the grid is trained on each."""
+    out: str = "runs/sweep"
+    """Output folder (coders/ holds the trained coders)."""
+    eval_tokens: int = 4096
+    """Held-out tokens each coder is evaluated on."""
+    splice: bool = False
+    """Also measure the CE increase and KL with each coder spliced in (two forward passes of the
+    model per coder per batch) and put the frontier on CE increase instead of FVU."""
+    ctx_len: int = 256
+    """Context length in tokens."""
+    forward_batch: int = 8
+    """Contexts per forward pass of the model."""
+    fit_rule: list[str] = field(default_factory=list)
+    """sweep.json files to fit the rule from (LR and coefficient as power laws of width, L0 and
+    d_model; evaluate/sweep.py); writes OUT/rule.json and trains nothing (MODEL and CORPUS are
+    then not read). --splice fits on CE increase instead of FVU."""
+    grid: SweepGrid = field(default_factory=SweepGrid)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(tokens=500_000))
+    """Options shared by every coder of the grid (n_features, k, coef and lr come from the grid)."""
 
 
 def cmd_cache(args: CacheArgs) -> int:
@@ -234,13 +279,16 @@ def _coder_folders(paths: list[str]) -> list[Path]:
 
 
 def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: int, ctx_len: int,
-              forward_batch: int, splice: bool, lm=None) -> None:
+              forward_batch: int, splice: bool, lm=None, inference: str = "encoder",
+              l0: int = 0) -> None:
     from .coders.interop import adapt_hookpoints, load_any
+    from .coders.pursuit import with_inference
+    from .evaluate.attention import head_report
     from .data import load_corpus, special_token_ids
     from .evaluate import evaluate_coders, write_report
     from .metrics import format_table
     from .models import load_model
-    from .utils import read_json
+    from .utils import atomic_write_json, read_json
 
     run = folders[0].parent / "run.json"
     source = read_json(run)["source"] if run.exists() else {}
@@ -258,12 +306,18 @@ def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: 
             t = read_json(info)
             limits[f.name] = t["outlier_multiple"] * t["median_norm"]
     docs = load_corpus(corpus, split).documents
-    results = evaluate_coders(lm, coders, docs, tokens, ctx_len, forward_batch,
+    inferred = {n: with_inference(c, inference, l0) for n, c in coders.items()}
+    results = evaluate_coders(lm, inferred, docs, tokens, ctx_len, forward_batch,
                               special_token_ids(lm.tokenizer), limits, spliced=splice)
     rows = []
     for f in folders:
         r = results[f.name]
-        png = write_report(r, f, title=f"{f.name}: feature density ({r.n_tokens} tokens)")
+        if inference == "encoder":
+            png = write_report(r, f, title=f"{f.name}: feature density ({r.n_tokens} tokens)")
+        else:  # the encoder's metrics.json stays; pursuit results go beside it
+            png = f / f"metrics-{inference}-l0{l0}.json"
+            atomic_write_json(png, {k: (None if isinstance(v, float) and v != v else v)
+                                    for k, v in r.scalars().items()})
         m = r.recon
         rows.append({"coder": f.name, "fvu": m.fvu, "fvu w/o outliers": m.fvu_excluding_outliers,
                      "l0": m.l0, "dead %": 100 * m.dead_fraction,
@@ -279,6 +333,19 @@ def _evaluate(folders: list[Path], model: str, corpus: str, split: str, tokens: 
         dims = ", ".join(f"dim {d.dim}: {100 * d.variance_share:.1f}%, fvu {d.fvu:.3f}"
                          for d in results[f.name].top_dims)
         print(f"  {f.name}: {dims}")
+    for f in folders:  # coders on attention: which heads their most frequent features write through
+        heads = head_report(coders[f.name], lm.model, results[f.name].recon.density.float())
+        if heads is None:
+            continue
+        atomic_write_json(f / "heads.json", {"site": heads.site.module, "written": heads.written,
+                                             "single_head_fraction": heads.single_head_fraction,
+                                             "top": heads.top,
+                                             "shares": heads.shares.tolist()})
+        print(f"\nhead attribution of {f.name} ({heads.written} of {heads.site.module}, "
+              f"{heads.site.n_heads} heads): {100 * heads.single_head_fraction:.1f}% of firing "
+              "features write > 90% through one head; most frequent features:")
+        print(format_table([{"feature": t["feature"], "density": t["density"], "head": t["head"],
+                             "share": t["share"]} for t in heads.top]))
     outliers = {f.name: results[f.name].outlier_rule for f in folders}
     print("outlier rule (counted in the 'outliers' column, included in every metric; "
           "fvu_excluding_outliers in metrics.json): "
@@ -292,8 +359,9 @@ def cmd_train(args: TrainArgs) -> int:
     from .train.pipeline import train_on_corpus
 
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    ins = resolve_hookpoints(lm.model, args.hookpoints)
-    outs = resolve_hookpoints(lm.model, args.out_hookpoints) if args.out_hookpoints else []
+    ins = resolve_hookpoints(lm.model, _attention_names(lm.model, args.hookpoints))
+    outs = (resolve_hookpoints(lm.model, _attention_names(lm.model, args.out_hookpoints))
+            if args.out_hookpoints else [])
     if args.train.kind != "sae" and len(outs) != len(ins):
         raise ValueError(f"--kind {args.train.kind} needs one --out-hookpoints entry per input "
                          f"hookpoint: got {len(ins)} inputs ({ins}) and {len(outs)} outputs")
@@ -316,7 +384,7 @@ def cmd_train(args: TrainArgs) -> int:
         log.setLevel(logging.WARNING)
     try:
         train_on_corpus(lm, args.corpus, specs, args.out, args.ctx_len, args.forward_batch,
-                        text_field=args.text_field, parallel=parallel)
+                        text_field=args.text_field, parallel=parallel, loss=args.objective)
     finally:
         if parallel.world > 1:
             import torch.distributed
@@ -333,7 +401,51 @@ def cmd_train(args: TrainArgs) -> int:
 
 def cmd_eval(args: EvalArgs) -> int:
     _evaluate(_coder_folders(args.coders), args.model, args.corpus, args.split, args.tokens,
-              args.ctx_len, args.forward_batch, not args.no_splice)
+              args.ctx_len, args.forward_batch, not args.no_splice, inference=args.inference,
+              l0=args.l0)
+    return 0
+
+
+def _attention_names(model, patterns: list[str]) -> list[str]:
+    """attn.N -> block N's heads hookpoint, attn.N.out -> its attention output (N may be *)."""
+    import re
+
+    from .models import attention_site, decoder_layers
+
+    out = []
+    for p in patterns:
+        m = re.fullmatch(r"attn\.(\d+|\*)(\.out)?", p)
+        if not m:
+            out.append(p)
+            continue
+        layers = range(len(decoder_layers(model))) if m[1] == "*" else [int(m[1])]
+        sites = [attention_site(model, i) for i in layers]
+        out.extend(s.output_hookpoint if m[2] else s.heads_hookpoint for s in sites)
+    return out
+
+
+def cmd_sweep(args: SweepArgs) -> int:
+    from .evaluate.sweep import fit_rule_files, run_sweep
+    from .hooks import resolve_hookpoints
+    from .metrics import format_table
+    from .models import load_model
+
+    if args.fit_rule:
+        rule = fit_rule_files(args.fit_rule, "ce_increase" if args.splice else "fvu")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        rule.save(Path(args.out) / "rule.json")
+        print(f"lr rule: {rule.lr}\ncoef rule: {rule.coef}\n-> {Path(args.out) / 'rule.json'}")
+        return 0
+    lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    hookpoints = resolve_hookpoints(lm.model, _attention_names(lm.model, args.hookpoints))
+    rows = run_sweep(lm, args.corpus, hookpoints, args.train, args.grid, args.out,
+                     args.eval_tokens, args.splice, args.ctx_len, args.forward_batch,
+                     args.text_field)
+    cols = [c for c in ("coder", "l0", "fvu", "ce_increase", "dead_fraction", "frontier")
+            if args.splice or c != "ce_increase"]
+    print(format_table([{c: r[c] for c in cols} for r in rows], cols))
+    print("frontier: " + ", ".join(r["coder"] for r in rows if r["frontier"]))
+    print(f"-> {Path(args.out) / 'sweep.json'}, sweep.md, pareto.png")
     return 0
 
 
@@ -410,6 +522,7 @@ COMMANDS = {
     "eval": (EvalArgs, cmd_eval),
     "refit": (RefitArgs, cmd_refit),
     "toy": (ToyArgs, cmd_toy),
+    "sweep": (SweepArgs, cmd_sweep),
     "cache": (CacheArgs, cmd_cache),
     "info": (InfoArgs, cmd_info),
 }

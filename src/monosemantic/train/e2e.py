@@ -53,8 +53,9 @@ class LossConfig:
     """local: reconstruct the hookpoint's activations (squared error, on cached activations; the
     cheapest). e2e (Braun et al. 2024): with every coder spliced into the frozen model, match the
     clean next-token distribution, kl_coef x KL(clean || spliced) in nats per token, plus the
-    sparsity term; the model runs forward twice and backward once per step (several times local's
-    cost per token) and its weights never change. e2e+ds: e2e plus ds_coef x the downstream term,
+    sparsity term; the model runs forward twice and backward once per step (far costlier per
+    token than local training on cached activations; benchmarks/e2e_comparison.py reports both)
+    and its weights never change. e2e+ds: e2e plus ds_coef x the downstream term,
     which keeps the residual stream of the spliced run close to the clean one at every later block."""
     kl_coef: float = 1.0
     """Multiplies the KL term (e2e, e2e+ds, and the KL fine-tune). Sparsity is set against it by
@@ -253,7 +254,7 @@ class SplicedObjective:
             st.opt.zero_grad(set_to_none=True)
         loss.backward()
         for st in trainer.states:
-            _update(st, records[st.spec.name], step, float(loss), out, ds)
+            _update(st, records[st.spec.name], step, float(loss.detach()), out, ds.detach())
 
 
 def _splice_functions(trainer, mask: Tensor, records: dict[str, dict]) -> dict[str, Callable]:
@@ -340,6 +341,6 @@ def _update(st, rec: dict, step: int, loss: float, out: Spliced, ds: Tensor) -> 
         gen = torch.Generator().manual_seed(c.seed * 100003 + step)
         resample_dead(coder, st.opt, x.detach(), y, st.dead.dead_mask, gen)
     total = float((y - y.mean(0)).pow(2).sum())
-    st.last = {"loss": loss, "kl": float(out.kl), "ds": float(ds),
+    st.last = {"loss": loss, "kl": float(out.kl.detach()), "ds": float(ds),
                "fvu": float((y - pred).pow(2).sum()) / total if total > 0 else math.nan,
                "l0": l0, "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
