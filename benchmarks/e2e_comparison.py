@@ -1,0 +1,199 @@
+"""Local vs e2e vs e2e+ds vs local + KL fine-tune at equal tokens (Braun et al. 2024's comparison)
+on the bundled model: CE increase against L0, alive features, the L0 each method needs for a given
+CE increase, downstream-layer reconstruction error, and training tokens/s.
+
+The full run (hours on 2 CPU cores: an e2e step runs the model forward twice and backward once):
+
+    OMP_NUM_THREADS=2 python benchmarks/e2e_comparison.py --tokens 200000 --seeds 0 1 \
+        --ks 16 32 64 --hookpoint model.layers.15 --out benchmarks/results/e2e_comparison
+
+and on a held-back corpus for the check (train on wiki-vital, evaluate elsewhere):
+
+    python benchmarks/e2e_comparison.py --tokens 200000 --seeds 0 1 --ks 16 32 64 \
+        --eval-corpus pydoc --out benchmarks/results/e2e_comparison
+
+(rerunning with the same --out reuses every finished run, and a killed run resumes from its last
+checkpoint; only the evaluation is redone).
+
+A smoke run on a tiny random model folder (the unit tests' tiny Llama, saved with save_pretrained):
+
+    python benchmarks/e2e_comparison.py --model /tmp/tiny --corpus /tmp/docs.txt --tokens 1024 \
+        --batch-size 128 --ctx-len 32 --ks 2 4 --seeds 0 --eval-tokens 256 --out /tmp/e2e-smoke
+
+Steps, per seed: local coders for every k from one pass over cached activations; for each of
+e2e, e2e+ds and local + KL fine-tune (the last --finetune-frac of the steps) one run per k
+(coders writing the same hookpoint cannot share a spliced run); then every coder is evaluated on
+the eval split (CE with the coder spliced in minus clean CE, KL, L0, alive features) and its
+downstream error measured: at each block after the hookpoint, ||h(spliced) - h(clean)||^2 /
+E||h(clean)||^2 (train/e2e.relative_error). Writes e2e_comparison.json, .md (table) and _pareto.png.
+tokens_per_s is training tokens per second per coder (local: the one pass, cache building included,
+shared among its coders), measured when the run was trained (timing.json in its folder).
+
+Anchor (Braun et al. 2024, GPT-2 small layer 6): at matched CE increase 0.14 nats e2e needed
+L0 27.5, local 69.4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from monosemantic.coders import SparseCoder
+from monosemantic.data import load_corpus, special_token_ids
+from monosemantic.data.activations import batched_contexts
+from monosemantic.data.tokens import keep_mask
+from monosemantic.evaluate import evaluate_coders
+from monosemantic.evaluate.spliced import _splice
+from monosemantic.hooks import capture, patch
+from monosemantic.metrics import format_table
+from monosemantic.models import load_model
+from monosemantic.train import CoderSpec, TrainConfig
+from monosemantic.train.e2e import LossConfig, downstream_layers, relative_error
+from monosemantic.train.pipeline import train_on_corpus
+
+METHODS = {"local": LossConfig("local"), "e2e": LossConfig("e2e"),
+           "e2e+ds": LossConfig("e2e+ds"), "local+kl": None}  # local+kl: --finetune-frac
+
+
+@torch.no_grad()
+def downstream_error(lm, coder: SparseCoder, docs: list[str], n_tokens: int, ctx_len: int,
+                     batch: int, exclude: list[int]) -> dict[str, float]:
+    """Mean relative squared error at each block after the coder's hookpoint, coder spliced in."""
+    layers = downstream_layers(lm.model, [coder.cfg.hookpoint])
+    sums, seen = dict.fromkeys(layers, 0.0), 0
+    n_batches = 0
+    for _, tokens in batched_contexts(lm.tokenizer, docs, ctx_len, lm.bos_token_id, batch):
+        mask = keep_mask(tokens, exclude)
+        with capture(lm.model, layers) as clean:
+            lm.model(input_ids=tokens, use_cache=False)
+        with patch(lm.model, _splice(coder, mask, {}, "coder")), capture(lm.model, layers) as spl:
+            lm.model(input_ids=tokens, use_cache=False)
+        for name in layers:
+            sums[name] += float(relative_error(spl[name], clean[name], mask))
+        n_batches += 1
+        seen += int(mask.sum())
+        if seen >= n_tokens:
+            break
+    return {k: v / max(1, n_batches) for k, v in sums.items()}
+
+
+def l0_at_ce(points: list[tuple[float, float]], target: float) -> float:
+    """The L0 where the (L0, CE increase) curve crosses `target`, interpolated in log L0; NaN
+    when the curve does not reach it."""
+    pts = sorted(points)
+    for (l0a, ca), (l0b, cb) in zip(pts, pts[1:]):
+        if (ca - target) * (cb - target) <= 0 and ca != cb:
+            t = (target - ca) / (cb - ca)
+            return math.exp(math.log(l0a) + t * (math.log(l0b) - math.log(l0a)))
+    return math.nan
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--corpus", default="wiki-vital")
+    p.add_argument("--eval-corpus", default="", help="held-back corpus (default: --corpus's eval split)")
+    p.add_argument("--hookpoint", default="model.layers.15")
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--batch-size", type=int, default=2048, help="tokens per step (whole contexts)")
+    p.add_argument("--ctx-len", type=int, default=256)
+    p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--expansion", type=int, default=16)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--finetune-frac", type=float, default=0.1)
+    p.add_argument("--ds-coef", type=float, default=1.0)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--match-ce", type=float, default=0.0,
+                   help="CE increase at which to compare L0 (0 = local's CE at its middle k)")
+    p.add_argument("--out", default="benchmarks/results/e2e_comparison")
+    args = p.parse_args()
+    out = Path(args.out)
+    lm = load_model(args.model)
+    exclude = special_token_ids(lm.tokenizer)
+    eval_docs = load_corpus(args.eval_corpus or args.corpus, "eval" if not args.eval_corpus else "all").documents
+    rows = []
+    for seed in args.seeds:
+        base = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, expansion=args.expansion,
+                           seed=seed, checkpoint_every=50)
+        for method, loss in METHODS.items():
+            if loss is None:
+                loss = LossConfig("local", kl_finetune_frac=args.finetune_frac)
+            if method == "e2e+ds":
+                loss = dataclasses.replace(loss, ds_coef=args.ds_coef)
+            runs = ([[CoderSpec(f"k{k}", args.hookpoint, dataclasses.replace(base, k=k)) for k in args.ks]]
+                    if method == "local" else  # one pass for every k
+                    [[CoderSpec(f"k{k}", args.hookpoint, dataclasses.replace(base, k=k))] for k in args.ks])
+            for specs in runs:
+                folder = out / f"{method}-s{seed}" / ("all" if method == "local" else specs[0].name)
+                start = time.perf_counter()
+                coders = train_on_corpus(lm, args.corpus, specs, folder, args.ctx_len,
+                                         loss=None if method == "local" else loss)
+                timing = folder / "timing.json"
+                if not timing.exists():  # the first time: this run was trained now
+                    timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+                secs = json.loads(timing.read_text())["seconds"]
+                for s in specs:
+                    info = json.loads((folder / s.name / "training.json").read_text())
+                    limit = info["outlier_multiple"] * info["median_norm"]
+                    r = evaluate_coders(lm, {s.name: coders[s.name]}, eval_docs, args.eval_tokens,
+                                        args.ctx_len, 8, exclude, {s.name: limit}, progress=False)[s.name]
+                    ds = downstream_error(lm, coders[s.name], eval_docs, args.eval_tokens,
+                                          args.ctx_len, 8, exclude)
+                    rows.append({"method": method, "seed": seed, "k": s.config.k, "l0": r.recon.l0,
+                                 "ce_increase": r.ce_increase, "kl": r.kl, "fvu": r.recon.fvu,
+                                 "alive": 1 - r.recon.dead_fraction,
+                                 "downstream_mean": sum(ds.values()) / max(1, len(ds)),
+                                 "downstream": ds, "train_s": secs / len(specs),
+                                 "tokens_per_s": args.tokens * (len(specs) if method == "local" else 1) / secs
+                                 if secs > 0 else math.nan})
+                    print(format_table([{k: v for k, v in rows[-1].items() if k != "downstream"}]))
+    write(rows, args, out)
+
+
+def write(rows: list[dict], args, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    local = sorted(r["ce_increase"] for r in rows if r["method"] == "local")
+    target = args.match_ce or (local[len(local) // 2] if local else math.nan)
+    matched = {}
+    for method in METHODS:
+        for seed in args.seeds:
+            pts = [(r["l0"], r["ce_increase"]) for r in rows if r["method"] == method and r["seed"] == seed]
+            matched[f"{method}-s{seed}"] = l0_at_ce(pts, target)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "e2e_comparison.json").write_text(json.dumps(
+        {"args": vars(args), "match_ce": target, "l0_at_match": matched, "rows": rows}, indent=1))
+    cols = ["method", "seed", "k", "l0", "ce_increase", "kl", "fvu", "alive", "downstream_mean", "tokens_per_s"]
+    table = format_table([{c: r[c] for c in cols} for r in rows], cols)
+    lines = ["```", table, "```", "", f"L0 at CE increase {target:.4f} nats (interpolated in log L0):", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in matched.items()]
+    (out / "e2e_comparison.md").write_text("\n".join(lines) + "\n")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, method in enumerate(METHODS):
+        for seed in args.seeds:
+            pts = sorted((r["l0"], r["ce_increase"]) for r in rows if r["method"] == method and r["seed"] == seed)
+            if pts:
+                ax.plot(*zip(*pts), "o-" if seed == args.seeds[0] else "s--", color=f"C{i}",
+                        label=f"{method} s{seed}", ms=4)
+    ax.axhline(target, color="grey", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("L0")
+    ax.set_ylabel("CE increase (nats)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "e2e_comparison_pareto.png", dpi=120)
+    print(table)
+    print("\n".join(lines[4:]))
+
+
+if __name__ == "__main__":
+    main()
