@@ -55,15 +55,15 @@ def test_e2e_loss_is_zero_for_an_exact_identity_stand_in(family, tmp_path):
         _make_identity(st.coder)
     fns = _splice_functions(trainer, clean.mask, {})
     out = spliced_forward(lm.model, clean.tokens, clean.mask, fns, clean.logits, clean.layers)
-    assert float(out.kl) < 1e-7
+    assert float(out.kl.detach()) < 1e-7
     assert list(out.ds) == objective.layers
-    assert max(float(v) for v in out.ds.values()) < 1e-10
+    assert max(float(v.detach()) for v in out.ds.values()) < 1e-10
     # and a coder that is not the identity is not free: halve the residual stream after block 0
     with torch.no_grad():
         trainer.states[0].coder.W_dec.mul_(0.5)
     out = spliced_forward(lm.model, clean.tokens, clean.mask, _splice_functions(trainer, clean.mask, {}),
                           clean.logits, clean.layers)
-    assert float(out.kl) > 1e-5 and min(float(v) for v in out.ds.values()) > 1e-3
+    assert float(out.kl.detach()) > 1e-5 and min(float(v.detach()) for v in out.ds.values()) > 1e-3
 
 
 def test_downstream_term_sums_over_the_later_blocks(family, tmp_path):
@@ -82,8 +82,8 @@ def test_downstream_term_sums_over_the_later_blocks(family, tmp_path):
     fns = {blocks[1]: lambda t: torch.where(clean.mask[..., None], torch.zeros_like(t), t)}
     out = spliced_forward(lm.model, clean.tokens, clean.mask, fns, clean.logits, clean.layers)
     assert list(out.ds) == blocks[1:]
-    assert float(out.ds[blocks[1]]) == pytest.approx(1.0, abs=1e-6)
-    assert 0 < float(out.ds[blocks[2]])
+    assert float(out.ds[blocks[1]].detach()) == pytest.approx(1.0, abs=1e-6)
+    assert 0 < float(out.ds[blocks[2]].detach())
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu"])
@@ -185,3 +185,27 @@ def _corpus(tmp_path):
 def dataclass_replace(cfg, **kw):
     import dataclasses
     return dataclasses.replace(cfg, **kw)
+
+
+def test_killed_e2e_run_resumes_to_identical_bits(tmp_path):
+    lm = make_lm("llama")
+    cfg = TrainConfig(n_features=64, k=4, tokens=CTX * 4 * 8, batch_size=CTX * 4, checkpoint_every=3)
+    spec = [CoderSpec("c", "model.layers.1", cfg)]
+    loss = LossConfig("local", kl_finetune_frac=0.5)  # local steps 0-3, spliced steps 4-7
+
+    def trainer(out):
+        obj = SplicedObjective(lm.model, loss, spec, 8, special_token_ids(lm.tokenizer))
+        return Trainer(spec, {"model.layers.1": 32}, out, objective=obj)
+
+    batches = token_batches(lm.tokenizer, sample_documents(), CTX, lm.bos_token_id, 4, 32)
+
+    def dying(start):
+        for step, b in enumerate(batches(start), start):
+            if step == 7:  # after the checkpoint at step 6
+                raise KeyboardInterrupt
+            yield b
+    whole = trainer(tmp_path / "a").fit(batches, progress=False)["c"].state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b").fit(dying, progress=False)
+    resumed = trainer(tmp_path / "b").fit(batches, progress=False)["c"].state_dict()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
