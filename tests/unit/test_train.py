@@ -189,5 +189,6 @@ def test_resampling_resets_every_per_feature_parameter(activation):
     if activation == "gated":
         assert coder.r_mag[idx].abs().max() == 0
         assert torch.equal(coder.b_mag[idx], coder.b_enc[idx])
-    enc_norm_ratio = coder.W_enc[idx].norm(dim=1).mean() / coder.W_enc[~dead].norm(dim=1).mean()
+    w = coder.W_enc.detach()
+    enc_norm_ratio = w[idx].norm(dim=1).mean() / w[~dead].norm(dim=1).mean()
     assert float(enc_norm_ratio) == pytest.approx(1.0 if activation == "topk" else 0.2, rel=0.05)
