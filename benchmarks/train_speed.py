@@ -93,10 +93,16 @@ def eval_cache(train: ActivationCache, n_tokens: int, hookpoint: str) -> Activat
     return build_cache(lm, load_corpus(req.corpus, "eval").documents, req, folder)
 
 
+OURS_TRAIN: dict = {}
+"""TrainConfig overrides for our worker (--ours-train), for diagnosing quality differences."""
+
+
 def run_worker(impl: str, payload: dict, threads: int, timeout: float) -> dict:
     python = sys.executable if impl == "ours" else str(ensure_env(impl))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(HERE.parent / "src"), SPARSIFY_DISABLE_TRITON="1")
+    if impl == "ours" and OURS_TRAIN:
+        payload = {**payload, "train": OURS_TRAIN}
     cmd = [python, str(HERE / "peers" / f"worker_{impl}.py"), json.dumps(payload)]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=env, timeout=timeout)
@@ -335,11 +341,15 @@ def main() -> None:
     p.add_argument("--e2e", action="store_true", help="also end to end from text (item 6)")
     p.add_argument("--e2e-tokens", type=int, default=65536)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per worker process")
+    p.add_argument("--ours-train", default="", help="JSON of TrainConfig overrides for ours, e.g. "
+                   "'{\"normalize\": false}' (diagnosis; the table's rows use the defaults)")
     p.add_argument("--smoke", action="store_true",
                    help="1 round of 2 timed steps, 4-step epochs, 4096 eval tokens: proves every "
                         "implementation runs end to end, measures nothing")
     p.add_argument("--out", default="runs/bench-train-speed")
     args = p.parse_args()
+    if args.ours_train:
+        OURS_TRAIN.update(json.loads(args.ours_train))
     if args.smoke:
         args.rounds, args.steps, args.warmup = 1, 2, 1
         args.epoch_tokens = args.epoch_tokens or 4 * args.batch_size

@@ -28,7 +28,7 @@ def main() -> None:
     steps = a["warmup"] + a["steps"]
     cfg = TrainConfig(activation="topk", n_features=a["n_features"], k=a["k"],
                       tokens=steps * a["batch_size"], batch_size=a["batch_size"],
-                      lr=a["lr"] or 0.0, seed=a["seed"])
+                      lr=a["lr"] or 0.0, seed=a["seed"], **a.get("train", {}))
     out = Path(a["out"]) if train else Path(tempfile.mkdtemp(prefix="ours-"))
     trainer = Trainer([CoderSpec("coder", a["hookpoint"], cfg)], {a["hookpoint"]: data.width}, out)
     starts, ends = [], []
