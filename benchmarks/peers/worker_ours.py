@@ -26,9 +26,9 @@ def main() -> None:
     mark_baseline()
     train = a.get("out") is not None
     steps = a["warmup"] + a["steps"]
-    cfg = TrainConfig(activation="topk", n_features=a["n_features"], k=a["k"],
-                      tokens=steps * a["batch_size"], batch_size=a["batch_size"],
-                      lr=a["lr"] or 0.0, seed=a["seed"], **a.get("train", {}))
+    kw = dict(activation="topk", n_features=a["n_features"], k=a["k"], tokens=steps * a["batch_size"],
+              batch_size=a["batch_size"], lr=a["lr"] or 0.0, seed=a["seed"])
+    cfg = TrainConfig(**{**kw, **a.get("train", {})})  # --ours-train overrides win
     out = Path(a["out"]) if train else Path(tempfile.mkdtemp(prefix="ours-"))
     trainer = Trainer([CoderSpec("coder", a["hookpoint"], cfg)], {a["hookpoint"]: data.width}, out)
     starts, ends = [], []
