@@ -141,8 +141,8 @@ class BatchTopKSelection(Selection):
             return None
         pos = pos[kept > 0]
         rows = pos // self.c
-        pos = pos[torch.argsort(rows, stable=True)]  # row order
-        rows = pos // self.c
+        order = torch.argsort(rows, stable=True)  # row order
+        pos, rows = pos[order], rows[order]
         return torch.bincount(rows, minlength=n_rows), idx.flatten()[pos], vals.flatten()[pos]
 
 
@@ -160,19 +160,20 @@ class _Encode(torch.autograd.Function):
     def forward(ctx, x: Tensor, centre: Tensor | None, W_enc: Tensor, b_enc: Tensor,
                 select: Selection, chunk: int):
         xin = x if centre is None else x - centre
-        result = None
         # one [chunk, F] block reused for every chunk (no fresh pages per chunk); selections copy
         # what they keep out of it
         block = xin.new_empty(min(chunk, xin.shape[0]), W_enc.shape[0])
-        while result is None:
+        while True:
             parts = [select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T,
                                               out=block[:min(chunk, xin.shape[0] - i)]))
                      for i in range(0, xin.shape[0], chunk)]
-            result = select.finish(parts) if parts else None
-            if not parts:
+            if not parts:  # an empty batch
                 result = (x.new_zeros(0, dtype=torch.int64),) * 2 + (x.new_zeros(0),)
-            elif result is None:
-                select = select.widen()
+                break
+            result = select.finish(parts)
+            if result is not None:
+                break
+            select = select.widen()
         counts, index, values = result
         offsets = F_.pad(counts.cumsum(0), (1, 0))
         values = values.clamp_min(0)
