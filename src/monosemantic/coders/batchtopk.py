@@ -1,7 +1,7 @@
 """BatchTopK coder (Bussmann et al. 2024, "BatchTopK sparse autoencoders").
 
-Training mode: keep the k*B largest ReLU'd pre-activations of the whole batch [B, F], so tokens
-share a budget of k features on average instead of exactly k each.
+Training mode: keep the k*B largest ReLU'd pre-activations of the whole batch [B, F] (and any tied
+with the smallest of them), so tokens share a budget of k features on average instead of exactly k each.
 Inference cannot depend on the rest of the batch, so the coder learns a global threshold:
 after every training-mode batch, under no_grad,
     threshold <- momentum * threshold + (1 - momentum) * (smallest positive kept activation)
@@ -23,7 +23,8 @@ from torch import Tensor
 from monosemantic.coders.base import SparseCoder
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.registry import register
-from monosemantic.coders.sparse import ActiveSet, BatchTopKSelection, Selection, ThresholdSelection
+from monosemantic.coders.sparse import (ActiveSet, BatchTopKSelection, Selection, ThresholdSelection,
+                                        batch_threshold)
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,20 @@ class BatchTopKCoder(SparseCoder):
         super().__init__(cfg, device=device, dtype=dtype)
         self.register_buffer("threshold", torch.tensor(-1.0, device=device, dtype=dtype))
         self._warned = False
+        self.batch_reduce = None
+        """Set during data-parallel training (train/distributed.py): makes the training-mode
+        selection span every process's rows, (candidates, k, check) -> (tau, widen)."""
 
     def _batch_topk(self, pre_acts: Tensor) -> tuple[Tensor, Tensor]:
-        """[B, F] -> (acts [B, F], the kept values [k*B])."""
+        """[B, F] -> (acts [B, F], the kept values): every positive pre-activation at or above the
+        (k*B)-th largest (ties included), over every process's rows in data-parallel training."""
         flat = F.relu(pre_acts).flatten()
-        vals, idx = flat.topk(min(self.cfg.k * pre_acts.shape[0], flat.numel()), sorted=False)
-        return torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_acts), vals
+        if self.batch_reduce is not None and self.training:
+            tau, _ = self.batch_reduce(F.relu(pre_acts).detach(), self.cfg.k, False)
+        else:
+            tau = batch_threshold(flat.detach(), self.cfg.k * pre_acts.shape[0])
+        keep = (flat >= tau) & (flat > 0)
+        return (flat * keep).view_as(pre_acts), flat[keep]
 
     def _activate(self, pre_acts: Tensor) -> Tensor:
         if self.training:
@@ -67,7 +76,8 @@ class BatchTopKCoder(SparseCoder):
                 logger.warning("BatchTopK threshold is uncalibrated (no training-mode batch yet); "
                                "falling back to batch top-k selection in eval mode")
                 self._warned = True
-            return BatchTopKSelection(self.cfg.k, self.cfg.n_features)
+            return BatchTopKSelection(self.cfg.k, self.cfg.n_features,
+                                      reduce=self.batch_reduce if self.training else None)
         return ThresholdSelection(self.threshold)
 
     def _after_sparse_encode(self, active: ActiveSet) -> None:

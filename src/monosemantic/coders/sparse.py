@@ -118,14 +118,18 @@ class BatchTopKSelection(Selection):
     without a [B, F] matrix: each block keeps its rows' top c candidates (c = 4k at first);
     tau = the (k·B)-th largest candidate. If every row's c-th candidate is below tau, no row has a
     selected entry outside its candidates, so the candidates' top k·B is the batch's. Otherwise
-    (one row holding more than c of the batch's largest values) the blocks are redone with c = F."""
+    (one row holding more than c of the batch's largest values) the blocks are redone with c = F.
 
-    def __init__(self, k: int, n_features: int, candidates: int = 0):
-        self.k, self.n_features = k, n_features
+    `reduce` makes the batch span several processes (data-parallel training): given this process's
+    candidates [B_r, c] (ReLU'd), k and whether the widening check applies, it returns (tau, widen)
+    for the global batch, the same on every process (train/distributed.Parallel.batch_threshold)."""
+
+    def __init__(self, k: int, n_features: int, candidates: int = 0, reduce=None):
+        self.k, self.n_features, self.reduce = k, n_features, reduce
         self.c = min(candidates or 4 * k, n_features)
 
     def widen(self) -> "BatchTopKSelection":
-        return BatchTopKSelection(self.k, self.n_features, self.n_features)
+        return BatchTopKSelection(self.k, self.n_features, self.n_features, self.reduce)
 
     def block(self, pre: Tensor):
         return pre.topk(self.c, dim=-1)  # sorted: the last column is each row's c-th candidate
@@ -135,15 +139,27 @@ class BatchTopKSelection(Selection):
         idx = torch.cat([p.indices for p in parts])
         n_rows = vals.shape[0]
         flat = vals.flatten().clamp_min(0)
-        kept, pos = flat.topk(min(self.k * n_rows, flat.numel()), sorted=False)
-        last = vals[:, -1]  # everything a row left out is <= its last candidate
-        if self.c < self.n_features and kept.numel() and bool(((last > 0) & (last >= kept.min())).any()):
+        check = self.c < self.n_features
+        if self.reduce is not None:
+            tau, widen = self.reduce(vals.clamp_min(0), self.k, check)
+        else:
+            tau, widen = batch_threshold(flat, self.k * n_rows), False
+            last = vals[:, -1]  # everything a row left out is <= its last candidate
+            widen = check and bool(((last > 0) & (last >= tau)).any())
+        if widen:
             return None
-        pos = pos[kept > 0]
-        rows = pos // self.c
-        order = torch.argsort(rows, stable=True)  # row order
-        pos, rows = pos[order], rows[order]
-        return torch.bincount(rows, minlength=n_rows), idx.flatten()[pos], vals.flatten()[pos]
+        # every entry >= tau (ties at tau included, so the selection does not depend on how the
+        # batch is split between processes), in row order
+        pos = ((flat >= tau) & (flat > 0)).nonzero(as_tuple=True)[0]
+        return torch.bincount(pos // self.c, minlength=n_rows), idx.flatten()[pos], vals.flatten()[pos]
+
+
+def batch_threshold(values: Tensor, n: int) -> Tensor:
+    """The n-th largest of `values` (>= 0), the BatchTopK selection's cut: it keeps every
+    positive value >= it. 0 when there are at most n values."""
+    if values.numel() <= n or n <= 0:
+        return values.new_zeros(()) if n > 0 or values.numel() == 0 else values.max() + 1
+    return values.topk(n, sorted=False).values.min()
 
 
 def _csr(offsets: Tensor, index: Tensor, values: Tensor, n_features: int) -> Tensor:

@@ -12,11 +12,12 @@ data    Every rank holds every coder. Rank r takes rows `shard_rows(B, r, N)` of
             gathered whole on every rank, and rank 0's initial state is broadcast;
           - dead-feature counters add the ranks' token counts and OR their fired masks;
           - resampling draws from the whole batch (its rows gathered on every rank);
-          - BatchTopK's threshold takes the minimum across ranks: each rank moved it to
-            m t + (1 - m) low_r, and the minimum of those is m t + (1 - m) min_r low_r, the move
-            with the smallest kept activation of all ranks. (The selection itself keeps the top
-            k B_r of each rank's rows; the exact global top k B needs a collective inside the
-            selection, see SCALING.md.)
+          - BatchTopK selects the top k B of the whole batch, exactly: inside the selection each
+            rank contributes its largest k B candidates, every rank takes the same global
+            threshold from their union (`batch_threshold`), and widens its candidates when any
+            rank must; its inference threshold then takes the minimum across ranks: each rank
+            moved it to m t + (1 - m) low_r, and the minimum of those is m t + (1 - m) min_r low_r,
+            the move with the smallest kept activation of all ranks;
           - outlier counts are summed and the last metrics averaged before each checkpoint.
 layers  Each rank owns a subset of the coders (`assign_owners`: greedy by parameter count, so any
         number of coders of any widths on any number of ranks; a rank may own none). Every rank
@@ -25,9 +26,12 @@ layers  Each rank owns a subset of the coders (`assign_owners`: greedy by parame
         hookpoints its coders read (point-to-point sends: gloo's all_to_all needs equal sizes),
         concatenated in rank order, so every coder sees the global batch exactly as one process
         would and trains to the same bits. `return_rows` is the way back, from owners to the ranks
-        that produced the rows; the end-to-end loss (issue 5) needs it: a coder's reconstruction
-        goes back to the rank that ran the model on those rows, which runs the rest of the model
-        and sends d loss / d reconstruction to the owner the same way.
+        that produced the rows.
+        With the end-to-end loss (train/e2e.py) the same happens inside the spliced forward pass:
+        at each coder's hookpoint every rank sends its rows to the owner (`gather_to`), the owner
+        runs the coder on the global batch and sends each rank its reconstruction back
+        (`scatter_from`); in the backward pass d loss / d reconstruction travels to the owner the
+        same way, the owner backpropagates through its coder, and d loss / d input returns.
 
 Checkpoints hold coder state keyed by coder name, never by rank, so a run resumes on any number of
 ranks in either mode. Rank 0 writes `checkpoint.safetensors`; in layers mode every other rank that
@@ -250,10 +254,13 @@ class Parallel:
 
     # ---- set-up --------------------------------------------------------------------------------
 
-    def own(self, specs: list, widths: dict[str, int]) -> list:
-        """The coder specs this rank trains: all of them, or in layers mode its share."""
+    def own(self, specs: list, widths: dict[str, int], rows: int | None = None) -> list:
+        """The coder specs this rank trains: all of them, or in layers mode its share. `rows`:
+        the rows of a global batch (default the coders' batch_size; token contexts for e2e)."""
         self.batch_size = specs[0].config.batch_size
         self.widths = dict(widths)
+        if rows is not None:
+            self.batch_size = rows
         if self.mode != "layers":
             self.owner = {s.name: 0 for s in specs}
             return list(specs)
@@ -289,7 +296,17 @@ class Parallel:
         if self.mode == "data":
             for st in states:
                 st.dead.reduce = self._reduce_fired
+                if hasattr(st.coder, "batch_reduce"):  # BatchTopK: select over the whole batch
+                    st.coder.batch_reduce = self.batch_threshold
         return step
+
+    @staticmethod
+    def release(states: list) -> None:
+        """Detach the coders from the process group (at the end of training)."""
+        for st in states:
+            st.dead.reduce = None
+            if hasattr(st.coder, "batch_reduce"):
+                st.coder.batch_reduce = None
 
     def initialize(self, init: Callable[[dict[str, Tensor]], None], batch: dict[str, Tensor],
                    states: list) -> None:
@@ -297,9 +314,15 @@ class Parallel:
         rank and rank 0's result broadcast, so all ranks start identical."""
         if self.mode != "data":
             return init(batch)
-        counts = [hi - lo for lo, hi in (shard_rows(self.batch_size, r, self.world)
-                                         for r in range(self.world))]
-        init({h: self._gather_rows(t, counts, "gathering the first batch") for h, t in batch.items()})
+        counts = self.row_counts(next(iter(batch.values())).shape[0])
+        held = [(st.coder, st.coder.batch_reduce) for st in states if hasattr(st.coder, "batch_reduce")]
+        for coder, _ in held:  # every rank initialises on the whole batch: no cross-rank selection
+            coder.batch_reduce = None
+        try:
+            init({h: self._gather_rows(t, counts, "gathering the first batch") for h, t in batch.items()})
+        finally:
+            for coder, reduce in held:
+                coder.batch_reduce = reduce
         with self._collective("broadcasting the initial coders"):
             for st in states:
                 for t in st.coder.state_dict().values():
@@ -313,9 +336,11 @@ class Parallel:
 
     # ---- every step ----------------------------------------------------------------------------
 
-    def exchange(self, batch: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+    def exchange(self, batch: dict[str, Tensor], step: int, to_owners: bool = True
+                 ) -> dict[str, Tensor]:
         """This rank's rows of a batch -> what its coders train on: its rows (data mode), or the
-        global batch of the hookpoints its coders read (layers mode)."""
+        global batch of the hookpoints its coders read (layers mode; `to_owners` False only checks
+        the rows, for batches of token contexts)."""
         self.step = step
         if self.world == 1:
             return batch
@@ -327,15 +352,37 @@ class Parallel:
                     f"ranks each reads its share of every batch of {self.batch_size} rows (rows "
                     f"{lo}:{hi} here). Read a part (ActivationCache.batches(rank=, world_size=)) "
                     "or wrap a source of whole batches with shard_batches")
-        if self.mode == "data":
+        if self.mode == "data" or not to_owners:
             return batch
         return self._to_owners(batch)
+
+    def exchange_rows(self, rows: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Like `exchange` for hookpoint rows whose count differs between ranks (the kept
+        positions of each rank's token contexts, in e2e training)."""
+        self.step = step
+        if self.mode != "layers":
+            return rows
+        return self._to_owners(rows, self.row_counts(next(iter(rows.values())).shape[0]))
+
+    def row_counts(self, n: int) -> list[int]:
+        """Every rank's n, in rank order (one small all-reduce)."""
+        if self.world == 1:
+            return [n]
+        onehot = torch.zeros(self.world, dtype=torch.int64)
+        onehot[self.rank] = n
+        return self._all_reduce(onehot, dist.ReduceOp.SUM, "exchanging row counts").tolist()
+
+    def sum(self, t: Tensor, what: str) -> Tensor:
+        """The sum of t over ranks, on every rank."""
+        return t if self.world == 1 else self._all_reduce(t, dist.ReduceOp.SUM, what)
 
     def _rows(self, rank: int) -> int:
         lo, hi = shard_rows(self.batch_size, rank, self.world)
         return hi - lo
 
-    def _to_owners(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _to_owners(self, batch: dict[str, Tensor], counts: list[int] | None = None
+                   ) -> dict[str, Tensor]:
+        rows = counts or [self._rows(p) for p in range(self.world)]
         mine = self.needs[self.rank]
         missing = [h for q in range(self.world) for h in self.needs[q] if h not in batch]
         if missing:
@@ -350,8 +397,7 @@ class Parallel:
             if p == self.rank:
                 received[p] = {h: batch[h].to(self.device, torch.float32) for h in mine}
             elif mine:
-                buf = torch.empty(self._rows(p) * sum(self.widths[h] for h in mine),
-                                  device=self.device)
+                buf = torch.empty(rows[p] * sum(self.widths[h] for h in mine), device=self.device)
                 received[p] = buf
                 ops.append(dist.P2POp(dist.irecv, buf, p))
         if ops:
@@ -365,9 +411,9 @@ class Parallel:
                 if p == self.rank:
                     parts.append(received[p][h])
                     continue
-                off = sum(self._rows(p) * self.widths[g] for g in mine[:mine.index(h)])
-                n = self._rows(p) * self.widths[h]
-                parts.append(received[p][off:off + n].view(self._rows(p), self.widths[h]))
+                off = sum(rows[p] * self.widths[g] for g in mine[:mine.index(h)])
+                n = rows[p] * self.widths[h]
+                parts.append(received[p][off:off + n].view(rows[p], self.widths[h]))
             out[h] = torch.cat(parts)
         return out
 
@@ -397,15 +443,85 @@ class Parallel:
                     work.wait()
         return out
 
-    def reduce_gradients(self, coder: torch.nn.Module, n_tokens: int) -> None:
+    def gather_to(self, owner: int, t: Tensor, counts: list[int], what: str) -> Tensor | None:
+        """Every rank's t [counts[r], W], concatenated in rank order on `owner` (None elsewhere)."""
+        if self.world == 1:
+            return t
+        ops, parts = [], []
+        if self.rank == owner:
+            for p, n in enumerate(counts):
+                if p == self.rank:
+                    parts.append(t.to(self.device))
+                    continue
+                parts.append(torch.empty(n, *t.shape[1:], dtype=t.dtype, device=self.device))
+                if n:
+                    ops.append(dist.P2POp(dist.irecv, parts[-1], p))
+        elif counts[self.rank]:
+            ops.append(dist.P2POp(dist.isend, t.to(self.device).contiguous(), owner))
+        self._run(ops, what)
+        return torch.cat(parts).to(t.device) if self.rank == owner else None
+
+    def scatter_from(self, owner: int, t: Tensor | None, counts: list[int], width: int,
+                     what: str, like: Tensor) -> Tensor:
+        """The inverse of `gather_to`: `owner` holds t [sum(counts), W]; each rank gets its
+        counts[rank] rows (dtype and device of `like`)."""
+        if self.world == 1:
+            return t
+        ops, offsets = [], [0]
+        for n in counts:
+            offsets.append(offsets[-1] + n)
+        if self.rank == owner:
+            for q in range(self.world):
+                if q != self.rank and counts[q]:
+                    part = t[offsets[q]:offsets[q + 1]].to(self.device).contiguous()
+                    ops.append(dist.P2POp(dist.isend, part, q))
+            self._run(ops, what)
+            return t[offsets[self.rank]:offsets[self.rank + 1]].to(like.device).clone()
+        out = torch.empty(counts[self.rank], width, dtype=like.dtype, device=self.device)
+        if counts[self.rank]:
+            ops.append(dist.P2POp(dist.irecv, out, owner))
+        self._run(ops, what)
+        return out.to(like.device)
+
+    def _run(self, ops: list, what: str) -> None:
+        if ops:
+            with self._collective(what):
+                for work in dist.batch_isend_irecv(ops):
+                    work.wait()
+
+    def batch_threshold(self, candidates: Tensor, k: int, check: bool) -> tuple[Tensor, bool]:
+        """BatchTopK over the whole batch (coders/sparse.BatchTopKSelection): this rank's ReLU'd
+        candidates [B_r, c] -> (tau, widen), the same on every rank. tau is the (k B)-th largest of
+        the union of every rank's k B largest candidates (B = sum_r B_r), which is the k B-th
+        largest of the whole batch's candidates; widen says some rank's row may hold a selected
+        value outside its candidates (its c-th candidate is positive and >= tau)."""
+        total = k * sum(self.row_counts(candidates.shape[0]))
+        flat = candidates.detach().flatten().float()
+        top = flat.topk(total, sorted=False).values if flat.numel() > total else flat
+        buf = torch.full((total,), -1.0, device=self.device)
+        buf[:top.numel()] = top.to(self.device)
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        with self._collective("selecting BatchTopK's batch-wide top k"):
+            dist.all_gather(parts, buf)
+        union = torch.cat(parts)
+        tau = union.topk(min(total, union.numel()), sorted=False).values.min().clamp_min(0)
+        tau = tau.to(candidates.device, candidates.dtype)
+        last = candidates[:, -1]
+        widen = torch.tensor([float(check and bool(((last > 0) & (last >= tau)).any()))])
+        widen = self._all_reduce(widen, dist.ReduceOp.MAX, "agreeing on BatchTopK's candidates")
+        return tau, bool(widen.item() > 0)
+
+    def reduce_gradients(self, coder: torch.nn.Module, n_tokens: int | None = None) -> None:
         """Data mode, after backward: every rank's gradients become sum_r n_r g_r / sum_r n_r
-        (n_r = the tokens rank r kept), in one all-reduce per coder."""
+        (n_r = the tokens rank r kept), in one all-reduce per coder; with n_tokens None, their
+        plain sum (for losses each rank already weighted by its share of the global batch)."""
         if self.mode != "data":
             return
         params = [p for p in coder.parameters() if p.requires_grad]
-        flat = [p.grad.reshape(-1) * n_tokens if p.grad is not None else p.new_zeros(p.numel())
+        weight = 1 if n_tokens is None else n_tokens
+        flat = [p.grad.reshape(-1) * weight if p.grad is not None else p.new_zeros(p.numel())
                 for p in params]
-        has = torch.tensor([float(p.grad is not None) for p in params] + [float(n_tokens)],
+        has = torch.tensor([float(p.grad is not None) for p in params] + [float(weight)],
                            device=params[0].device)
         buf = self._all_reduce(torch.cat(flat + [has]), dist.ReduceOp.SUM, "all-reducing gradients")
         total = float(buf[-1])
@@ -414,7 +530,8 @@ class Parallel:
         for p, flag in zip(params, flags.tolist()):
             n = p.numel()
             if flag > 0:
-                p.grad = (buf[offset:offset + n] / max(total, 1.0)).view_as(p).to(p.dtype)
+                grad = buf[offset:offset + n] if n_tokens is None else buf[offset:offset + n] / max(total, 1.0)
+                p.grad = grad.view_as(p).to(p.dtype)
             offset += n
 
     def _reduce_fired(self, fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:

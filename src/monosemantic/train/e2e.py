@@ -204,10 +204,12 @@ class SplicedObjective:
     on every batch of token contexts, then `step` on spliced steps)."""
 
     def __init__(self, model: nn.Module, config: LossConfig, specs: list, steps: int,
-                 exclude_ids: list[int] | None = None):
+                 exclude_ids: list[int] | None = None, contexts: int = 0):
+        """`contexts`: token contexts per global batch (needed when training runs on several
+        ranks, which split them)."""
         for p in model.parameters():  # frozen: gradients go through the model, never into it
             p.requires_grad_(False)
-        self.model, self.config = model.eval(), config
+        self.model, self.config, self.contexts = model.eval(), config, contexts
         self.exclude_ids = list(exclude_ids or [])
         self.hookpoints = list(dict.fromkeys(h for s in specs for h in (s.hookpoint, s.out_hookpoint) if h))
         self.first_spliced = config.first_spliced_step(steps)
@@ -235,15 +237,35 @@ class SplicedObjective:
         return Clean(tokens, mask, flat, logits, {l: acts[l] for l in self.layers}, spliced)
 
     def step(self, trainer, clean: Clean, step: int) -> None:
-        """One spliced step for every coder of `trainer` (a train.loop.Trainer)."""
-        cfg = self.config
+        """One spliced step for every coder of `trainer` (a train.loop.Trainer).
+
+        Under torchrun each rank runs its own contexts and every mean over tokens becomes its
+        rank's share of the global mean (a term's mean times this rank's count over the global
+        count; the downstream term's denominators are global sums), so that the ranks' gradients
+        add up to one process's on the whole batch: in data mode they are summed by an all-reduce;
+        in layers mode each coder runs on its owner, on the global batch (`_RemoteCoder`)."""
+        cfg, par = self.config, trainer.parallel
         records: dict[str, dict] = {}
-        fns = _splice_functions(trainer, clean.mask, records)
+        remote = par.mode == "layers"
+        fns = (_remote_splice_functions if remote else _splice_functions)(trainer, clean.mask, records, step)
         out = spliced_forward(self.model, clean.tokens, clean.mask, fns, clean.logits, clean.layers)
-        ds = sum(out.ds.values()) if out.ds else out.kl.new_zeros(())
-        loss = cfg.kl_coef * out.kl + cfg.ds_coef * ds
-        for st in trainer.states:
-            loss = loss + _sparsity_term(st, records[st.spec.name], step, trainer.steps)
+        kl, terms = out.kl, {st.spec.name: _sparsity_term(st, records[st.spec.name], step, trainer.steps)
+                             for st in trainer.states if not remote}  # remote: applied by owners
+        ds = {name: v for name, v in out.ds.items()}
+        if par.world > 1:
+            mask = clean.mask
+            sq = [clean.layers[name][mask].float().pow(2).sum() for name in ds]
+            kept = [float(records[name]["x"].shape[0]) for name in terms]
+            local = torch.tensor([float(mask.sum()), *kept, *sq], dtype=torch.float64)
+            total = par.sum(local.clone(), "summing token counts").clamp_min(1e-12)
+            share = (local / total).tolist()
+            kl = kl * share[0]
+            terms = {name: t * w for (name, t), w in zip(terms.items(), share[1:1 + len(kept)])}
+            ds = {name: v * w for (name, v), w in zip(ds.items(), share[1 + len(kept):])}
+        ds_sum = sum(ds.values()) if ds else kl.new_zeros(())
+        loss = cfg.kl_coef * kl + cfg.ds_coef * ds_sum
+        for term in terms.values():
+            loss = loss + term
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the {cfg.loss} loss became {float(loss)} at step {step}; "
                                      "lower --lr or --coef. The last checkpoint is untouched.")
@@ -253,24 +275,50 @@ class SplicedObjective:
                 g["lr"] = st.res.lr * lr_factor(step, trainer.steps, c.lr_warmup, c.lr_decay)
             st.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if par.mode == "data":
+            for st in trainer.states:  # each rank's loss is its share: the sum is the gradient
+                par.reduce_gradients(st.coder)
+        shown = float(sum(out.ds.values()).detach()) if out.ds else 0.0
         for st in trainer.states:
-            _update(st, records[st.spec.name], step, float(loss.detach()), out, ds.detach())
+            _update(st, records[st.spec.name], step, float(loss.detach()), out, shown, par)
 
 
-def _splice_functions(trainer, mask: Tensor, records: dict[str, dict]) -> dict[str, Callable]:
+def _splice_functions(trainer, mask: Tensor, records: dict[str, dict], step: int = 0
+                      ) -> dict[str, Callable]:
     """Hook functions that read each coder's input and write its output at the kept positions;
     `records[name]` receives what the coder read and wrote (normalised units)."""
+    pos = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    states = {st.spec.name: st for st in trainer.states}
+    return _hooks([(st.spec, records.setdefault(st.spec.name, {})) for st in trainer.states],
+                  lambda spec, rec: _writer(trainer, states[spec.name], pos, rec))
+
+
+def _remote_splice_functions(trainer, mask: Tensor, records: dict[str, dict], step: int
+                             ) -> dict[str, Callable]:
+    """Layers mode: hook functions for every coder of the run, owned here or not; each writer
+    sends this rank's rows to the coder's owner and writes back what the owner computed
+    (`_RemoteCoder`). `records` receives the owned coders' records (global rows)."""
+    par = trainer.parallel
+    pos = mask.reshape(-1).nonzero(as_tuple=True)[0]
+    counts = par.row_counts(pos.numel())
+    owned = {st.spec.name: st for st in trainer.states}
+    pairs = [(spec, records.setdefault(spec.name, {}) if spec.name in owned else {})
+             for spec in trainer.specs]
+    return _hooks(pairs, lambda spec, rec: _remote_writer(trainer, spec, owned.get(spec.name), pos,
+                                                          counts, rec, step))
+
+
+def _hooks(pairs: list, writer: Callable) -> dict[str, Callable]:
+    """hookpoint -> one function that records the inputs transcoders read there and applies the
+    writer of the coder that writes there."""
     reads: dict[str, list[Callable]] = {}
     writes: dict[str, Callable] = {}
-    pos = mask.reshape(-1).nonzero(as_tuple=True)[0]
-    for st in trainer.states:
-        spec = st.spec
-        rec = records.setdefault(spec.name, {})
+    for spec, rec in pairs:
         hp_out = spec.out_hookpoint or spec.hookpoint
         if spec.out_hookpoint:
             reads.setdefault(spec.hookpoint, []).append(
                 lambda t, rec=rec: rec.__setitem__("input", t))
-        writes[hp_out] = _writer(trainer, st, pos, rec)
+        writes[hp_out] = writer(spec, rec)
     fns = {}
     for h in dict.fromkeys([*reads, *writes]):
         def fn(t: Tensor, rs=reads.get(h, []), w=writes.get(h)) -> Tensor | None:
@@ -322,7 +370,91 @@ def _sparsity_term(st, rec: dict, step: int, steps: int) -> Tensor:
     return term
 
 
-def _update(st, rec: dict, step: int, loss: float, out: Spliced, ds: Tensor) -> None:
+class _Job:
+    """What `_RemoteCoder` needs for one coder at one step."""
+
+    def __init__(self, par, owner: int, counts: list[int], run: Callable | None):
+        self.par, self.owner, self.counts, self.run = par, owner, counts, run
+        self.saved: tuple | None = None
+
+
+class _RemoteCoder(torch.autograd.Function):
+    """Layers mode: this rank's rows x [n_r, D_in] (and its clean output rows y [n_r, D_out])
+    -> what the coder writes there [n_r, D_out], computed by the coder's owner on the global batch.
+    Backward sends d loss / d output to the owner, which backpropagates through its coder (plus the
+    coder's sparsity term, once) and returns d loss / d x. Every rank reaches each coder's forward
+    and backward in the same order (same model, same hooks), so the point-to-point messages pair."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, job: _Job, anchor: Tensor) -> Tensor:
+        # anchor: a scalar that requires grad, so that autograd records this node on every rank
+        # even where x does not require grad (the coder's parameters live on the owner only)
+        par, owner, counts = job.par, job.owner, job.counts
+        xs = par.gather_to(owner, x.detach(), counts, "sending rows to a coder's owner")
+        ys = par.gather_to(owner, y.detach(), counts, "sending rows to a coder's owner")
+        sent = None
+        if par.rank == owner:
+            with torch.enable_grad():
+                xs.requires_grad_(ctx.needs_input_grad[0])
+                written, term = job.run(xs, ys)
+            job.saved = (xs, written, term)
+            sent = written.detach()
+        ctx.job, ctx.d_in = job, x.shape[-1]
+        return par.scatter_from(owner, sent, counts, y.shape[-1], "returning a coder's output", y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        job = ctx.job
+        par, owner, counts = job.par, job.owner, job.counts
+        grads = par.gather_to(owner, grad.contiguous(), counts, "sending gradients to a coder's owner")
+        d_x = None
+        if par.rank == owner:
+            xs, written, term = job.saved
+            outs, grad_outs = [written], [grads]
+            if term.requires_grad:
+                outs.append(term)
+                grad_outs.append(torch.ones_like(term))
+            with torch.enable_grad():
+                torch.autograd.backward(outs, grad_outs)
+            d_x = xs.grad if xs.grad is not None else torch.zeros_like(xs)
+            job.saved = None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return par.scatter_from(owner, d_x, counts, ctx.d_in, "returning gradients to the ranks",
+                                grad), None, None, None
+
+
+def _remote_writer(trainer, spec, st, pos: Tensor, counts: list[int], rec: dict,
+                   step: int) -> Callable[[Tensor], Tensor]:
+    par = trainer.parallel
+    owner = par.owner[spec.name]
+
+    def run(xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
+        """On the owner: the coder on the global rows -> (rows to write, sparsity term)."""
+        keep = trainer._keep(st, xs)
+        x, y = xs[keep] * st.scale_in, (ys[keep] * st.scale_out).detach()
+        if st.spec.config.sparse_path and st.coder.has_sparse_path:
+            sparse, dense = st.coder.forward_sparse(x), None
+            pred = sparse.out
+        else:
+            dense, sparse = st.coder(x, target=None if spec.config.kind == "sae" else y), None
+            pred = dense.out
+        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=int((~keep).sum()))
+        written = ys.index_put((keep.nonzero(as_tuple=True)[0],), pred / st.scale_out)
+        return written, _sparsity_term(st, rec, step, trainer.steps)
+
+    def write(t: Tensor) -> Tensor:
+        inp = rec.get("input", t)
+        x = inp.reshape(-1, inp.shape[-1])[pos].float()
+        y = t.reshape(-1, t.shape[-1])[pos].float().detach()
+        job = _Job(par, owner, counts, run if par.rank == owner else None)
+        written = _RemoteCoder.apply(x, y, job, torch.zeros((), requires_grad=True))
+        flat = t.reshape(-1, t.shape[-1]).index_put((pos,), written.to(t.dtype))
+        return flat.reshape(t.shape)
+    return write
+
+
+def _update(st, rec: dict, step: int, loss: float, out: Spliced, ds: float, par=None) -> None:
     coder, c = st.coder, st.spec.config
     if st.constrained:
         coder.remove_gradient_parallel_to_decoder()
@@ -339,8 +471,9 @@ def _update(st, rec: dict, step: int, loss: float, out: Spliced, ds: Tensor) -> 
         l0 = rec["sparse"].active.l0()
     if step in st.res.resample_steps:
         gen = torch.Generator().manual_seed(c.seed * 100003 + step)
-        resample_dead(coder, st.opt, x.detach(), y, st.dead.dead_mask, gen)
+        xs, ys = (x.detach(), y) if par is None else par.gather_rows(x.detach(), y)
+        resample_dead(coder, st.opt, xs, ys, st.dead.dead_mask, gen)
     total = float((y - y.mean(0)).pow(2).sum())
-    st.last = {"loss": loss, "kl": float(out.kl.detach()), "ds": float(ds),
+    st.last = {"loss": loss, "kl": float(out.kl.detach()), "ds": ds,
                "fvu": float((y - pred).pow(2).sum()) / total if total > 0 else math.nan,
                "l0": l0, "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}

@@ -120,10 +120,14 @@ class Trainer:
         if objective is not None:  # recorded only when set: local runs keep their run.json
             self.run["objective"] = objective.config.to_dict()
         self.parallel = parallel or Parallel.current()
-        if objective is not None and self.parallel.world > 1:
-            raise ValueError("e2e training runs in one process; launch it without torchrun")
         self.parallel.main_first(self._claim_folder, "claim the output folder")
-        self.states = [self._build(s) for s in self.parallel.own(specs, widths)]
+        rows = None  # e2e under torchrun: a batch is `contexts` token contexts, split between ranks
+        if objective is not None and self.parallel.world > 1:
+            if objective.contexts < 1:
+                raise ValueError("SplicedObjective(contexts=...) must give the contexts per batch "
+                                 "when training runs on several ranks")
+            rows = objective.contexts
+        self.states = [self._build(s) for s in self.parallel.own(specs, widths, rows)]
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -188,10 +192,12 @@ class Trainer:
         # in a torchrun run: this rank's rows of each batch; read in a thread during the step
         it = prefetch(batches(start))
         for step in range(start, self.steps):
-            batch = self.parallel.exchange(next(it), step)
+            batch = self.parallel.exchange(next(it), step, to_owners=self.objective is None)
             clean = None if self.objective is None else self.objective.clean(batch, step)
             if clean is not None:  # token contexts -> the clean activations at the hookpoints
                 batch = clean.acts
+                if step == 0 or not clean.spliced:  # what initialisation and local steps read
+                    batch = self.parallel.exchange_rows(batch, step)
             if step == 0:
                 self.parallel.initialize(self._initialize, batch, self.states)
             if clean is not None and clean.spliced:
@@ -332,6 +338,7 @@ class Trainer:
 
     def _finish(self) -> dict[str, SparseCoder]:
         self.parallel.sync(self.states)
+        self.parallel.release(self.states)
         coders = {}
         for st in self.states:
             coder = st.coder

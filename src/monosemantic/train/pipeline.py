@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..coders import SparseCoder
 from ..data import CacheRequest, build_cache, load_corpus, special_token_ids
-from .distributed import Parallel
+from .distributed import Parallel, shard_batches
 from .e2e import LossConfig, SplicedObjective, token_batches
 from .loop import CoderSpec, Trainer
 
@@ -30,9 +30,9 @@ def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ct
     """Cache `specs`' hookpoints over the train split of `corpus`, then train every coder
     (on this rank: all coders in data mode, its own in layers mode). With an e2e `loss`, train
     through the model on token contexts instead (`train_spliced`)."""
-    if loss is not None and loss.needs_model:
-        return train_spliced(lm, corpus, specs, out, loss, ctx_len, text_field, progress)
     parallel = parallel or Parallel.current()
+    if loss is not None and loss.needs_model:
+        return train_spliced(lm, corpus, specs, out, loss, ctx_len, text_field, progress, parallel)
     cfg = specs[0].config
     hookpoints = []
     for s in specs:
@@ -58,9 +58,10 @@ def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ct
 
 def train_spliced(lm, corpus: str, specs: list[CoderSpec], out: str | Path, loss: LossConfig,
                   ctx_len: int = 256, text_field: str = "text",
-                  progress: bool = True) -> dict[str, SparseCoder]:
+                  progress: bool = True, parallel: Parallel | None = None) -> dict[str, SparseCoder]:
     """Train every coder with an e2e loss (or the local + KL fine-tune route) on token contexts
-    of the train split: batch_size tokens per step = batch_size // ctx_len contexts."""
+    of the train split: batch_size tokens per step = batch_size // ctx_len contexts. Under
+    torchrun every rank runs the model on its share of each batch's contexts."""
     from ..hooks import hookpoint_widths
 
     cfg = specs[0].config
@@ -73,10 +74,16 @@ def train_spliced(lm, corpus: str, specs: list[CoderSpec], out: str | Path, loss
     widths = hookpoint_widths(lm.model, hookpoints)
     docs = load_corpus(corpus, "train", text_field=text_field).documents
     steps = cfg.tokens // cfg.batch_size
-    objective = SplicedObjective(lm.model, loss, specs, steps, special_token_ids(lm.tokenizer))
+    objective = SplicedObjective(lm.model, loss, specs, steps, special_token_ids(lm.tokenizer),
+                                 contexts=contexts)
     source = {"model": lm.name, "corpus": corpus, "split": "train", "ctx_len": ctx_len}
+    parallel = parallel or Parallel.current()
+    if contexts < parallel.world:
+        raise ValueError(f"{contexts} contexts per batch cannot be split between {parallel.world} "
+                         f"ranks; use --batch-size {parallel.world * ctx_len} or more")
     trainer = Trainer(specs, widths, out, source=source, device=next(lm.model.parameters()).device,
-                      objective=objective)
+                      objective=objective, parallel=parallel)
     batches = token_batches(lm.tokenizer, docs, ctx_len, lm.bos_token_id, contexts,
                             n_contexts=steps * contexts, seed=cfg.seed)
-    return trainer.fit(batches, progress=progress)
+    return trainer.fit(shard_batches(batches, parallel.rank, parallel.world)
+                       if parallel.world > 1 else batches, progress=progress)
