@@ -140,7 +140,8 @@ def _cfg(**kw) -> TrainConfig:
 
 
 DDP = {"topk": dict(k=3), "relu": dict(activation="relu", coef=0.3),
-       # thresholds above most pre-activations: features die and are resampled at steps 2 and 4
+       # thresholds above most pre-activations: features die and are resampled at step 2 (step 4
+       # is in the LR decay, when nothing is resampled)
        "jumprelu": dict(activation="jumprelu", coef=0.01, resample_every=2, jumprelu_init_threshold=4.0),
        "batchtopk": dict(activation="batchtopk", k=3)}
 

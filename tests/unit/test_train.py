@@ -192,3 +192,18 @@ def test_resampling_resets_every_per_feature_parameter(activation):
     w = coder.W_enc.detach()
     enc_norm_ratio = w[idx].norm(dim=1).mean() / w[~dead].norm(dim=1).mean()
     assert float(enc_norm_ratio) == pytest.approx(1.0 if activation == "topk" else 0.2, rel=0.05)
+
+
+@pytest.mark.parametrize("activation,every,expected", [
+    ("topk", 400, (400, 800, 1200, 1600)),        # asked for: every 400 steps before the decay
+    ("topk", 0, ()),                              # the top-k family has AuxK
+    ("relu", 0, (500, 1000, 1500)),               # 1/4, 1/2, 3/4
+    ("relu", -1, ())])
+def test_resampling_stops_before_the_lr_decay(activation, every, expected):
+    # 2,000 steps, LR decay over the last 20% (from step 1,600): nothing resampled from then on,
+    # since a fresh feature has no LR left to settle (a top-k toy run at 2N lost its whole FVU to
+    # features resampled in its last 25 steps)
+    cfg = TrainConfig(activation=activation, k=4, coef=1.0 if activation == "relu" else 0.0,
+                      tokens=2000 * 256, batch_size=256, resample_every=every, lr_decay=0.2)
+    steps = cfg.resolve(16).resample_steps
+    assert steps == tuple(s for s in expected if s < 1600)
