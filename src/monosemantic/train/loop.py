@@ -228,8 +228,15 @@ class Trainer:
         if st.spec.out_hookpoint:
             _check_finite(st.spec.out_hookpoint, y, step)
         keep = self._keep(st, x)
-        st.n_outliers += int((~keep).sum())
-        x, y = x[keep] * st.scale_in, y[keep] * st.scale_out
+        dropped, same = int((~keep).sum()), y is x
+        st.n_outliers += dropped
+        if dropped:
+            x = x[keep]
+            y = x if same else y[keep]
+        x_in = x * st.scale_in
+        # an SAE's input and target are one tensor: scale it once (one [B, D] copy, not two)
+        y = x_in if same and st.scale_out == st.scale_in else y * st.scale_out
+        x = x_in
         for g in st.opt.param_groups:
             g["lr"] = st.res.lr * lr_factor(step, self.steps, c.lr_warmup, c.lr_decay)
         p = c.p if c.p_end <= 0 else c.p + (c.p_end - c.p) * step / max(1, self.steps - 1)
