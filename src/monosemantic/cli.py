@@ -100,6 +100,13 @@ class TrainArgs(ModelCorpusArgs):
     dist: DistConfig = field(default_factory=DistConfig)
     """Under torchrun (`torchrun --nproc-per-node N -m monosemantic train ...`): how the ranks split
     the work; see SCALING.md."""
+    target_l0: float = 0.0
+    """Give a width (--n-features or --expansion) and this instead of --k / --coef / --lr: k = the
+    target (top-k family), and the LR (unless --lr is set) and the penalty family's --coef come
+    from the fitted rule (--rule), as functions of width, target L0 and the hookpoint's width."""
+    rule: str = ""
+    """rule.json for --target-l0 (from `monosemantic sweep --fit-rule`); default: the rule fitted
+    on SmolLM2-135M sweeps at three hookpoints, shipped with monosemantic."""
 
 
 @dataclass
@@ -367,7 +374,20 @@ def cmd_train(args: TrainArgs) -> int:
                          f"hookpoint: got {len(ins)} inputs ({ins}) and {len(outs)} outputs")
     if args.train.kind == "sae" and outs:
         raise ValueError("--out-hookpoints is for transcoders; add --kind transcoder")
-    specs = [CoderSpec(h.replace(":", "@"), h, args.train, outs[i] if outs else "")
+    configs = [args.train] * len(ins)
+    if args.target_l0 > 0:
+        from .evaluate.sweep import apply_rule, load_rule
+        from .hooks import hookpoint_widths
+
+        rule, widths = load_rule(args.rule), hookpoint_widths(lm.model, ins)
+        configs = []
+        for h in ins:
+            cfg, chosen = apply_rule(args.train, rule, args.target_l0, widths[h])
+            configs.append(cfg)
+            log.info("%s: target L0 %g -> %s", h, args.target_l0,
+                     ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in chosen.items() if k in ("k", "coef", "lr")))
+    specs = [CoderSpec(h.replace(":", "@"), h, configs[i], outs[i] if outs else "")
              for i, h in enumerate(ins)]
     if args.eval_tokens > 0:  # fail before training, not after, when there is no held-out text
         from .data import load_corpus

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from conftest import make_lm, sample_documents
-from monosemantic.evaluate.sweep import (HyperRule, SweepGrid, fit_rule, fit_rule_files, grid_specs,
-                                         pareto_frontier, run_sweep)
+from monosemantic.evaluate.sweep import (HyperRule, SweepGrid, apply_rule, fit_rule, fit_rule_files,
+                                         grid_specs, load_rule, pareto_frontier, run_sweep)
 from monosemantic.train import TrainConfig
 
 
@@ -79,3 +79,34 @@ def test_sweep_trains_the_grid_in_one_pass_and_writes_its_files(tmp_path, monkey
         assert not any(o["l0"] <= r["l0"] and o["fvu"] < r["fvu"] for o in rows) or not r["frontier"]
     assert (tmp_path / "sweep" / "pareto.png").stat().st_size > 1000
     assert all(r["coder"] in (tmp_path / "sweep" / "sweep.md").read_text() for r in front)
+
+
+def test_target_l0_takes_k_lr_and_coefficient_from_the_rule(tmp_path):
+    rule = fit_rule(_synthetic_rows())
+    path = tmp_path / "rule.json"
+    rule.save(path)
+    rule = load_rule(path)
+    topk, chosen = apply_rule(TrainConfig(expansion=8), rule, 31.6, 576)
+    assert topk.k == 32 and chosen["width"] == 8 * 576
+    assert topk.lr == pytest.approx(0.03 * 4608 ** -0.5 * 31.6 ** 0.25 * 576 ** -0.2, rel=1e-3)
+    assert apply_rule(TrainConfig(expansion=8, lr=1e-3), rule, 32, 576)[0].lr == 1e-3  # given: kept
+    relu, chosen = apply_rule(TrainConfig(activation="relu", n_features=4096, coef=1.0), rule, 20, 256)
+    assert relu.coef == pytest.approx(40 * 4096 ** 0.1 * 20 ** -1.2 * 256 ** 0.5, rel=1e-3)
+    with pytest.raises(ValueError, match="no coefficient law"):
+        apply_rule(TrainConfig(activation="relu", coef=1.0), HyperRule(rule.lr, None), 20, 256)
+    with pytest.raises(FileNotFoundError, match="--fit-rule"):
+        load_rule(tmp_path / "missing.json")
+
+
+def test_train_command_with_a_target_l0(tiny_model_folder, text_file, tmp_path, monkeypatch):
+    from monosemantic.cli import main
+
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(tmp_path / "cache"))
+    fit_rule(_synthetic_rows()).save(tmp_path / "rule.json")
+    assert main(["train", str(tiny_model_folder), str(text_file), "--hookpoints", "model.layers.1",
+                 "--n-features", "64", "--target-l0", "6", "--rule", str(tmp_path / "rule.json"),
+                 "--tokens", "1024", "--batch-size", "256", "--eval-tokens", "0",
+                 "--out", str(tmp_path / "run")]) == 0
+    cfg = json.loads((tmp_path / "run" / "run.json").read_text())["coders"][0]["config"]
+    assert cfg["k"] == 6
+    assert cfg["lr"] == pytest.approx(0.03 * 64 ** -0.5 * 6 ** 0.25 * 32 ** -0.2, rel=1e-3)

@@ -18,6 +18,10 @@ The rule (`fit_rule`): from the rows of one or more sweep.json files,
         d log d_model (so the coefficient for a target L0 can be read off).
 A covariate that does not vary in the data (one d_model, say) gets exponent 0 and is listed in
 `fixed`: the rule cannot extrapolate along it.
+
+`apply_rule` turns a width and a target L0 into a training config (`monosemantic train
+--target-l0`): k = the target for the top-k family, the LR and (penalty family) the coefficient
+from the rule; `DEFAULT_RULE` is the one fitted on this project's SmolLM2 sweeps.
 """
 
 from __future__ import annotations
@@ -226,6 +230,44 @@ def fit_rule_files(paths: list[str | Path], loss: str = "fvu") -> HyperRule:
     if not rows:
         raise ValueError(f"no sweep rows in {', '.join(map(str, paths))}")
     return fit_rule(rows, loss)
+
+
+DEFAULT_RULE = Path(__file__).resolve().parent.parent / "rules" / "default.json"
+"""The rule `train --target-l0` uses unless given another: fitted on SmolLM2-135M sweeps at three
+hookpoints (BENCHMARKS.md, "Hyperparameter rule")."""
+
+
+def load_rule(path: str | Path = "") -> HyperRule:
+    """A rule.json (`monosemantic sweep --fit-rule`), or the shipped default."""
+    path = Path(path) if path else DEFAULT_RULE
+    if not path.exists():
+        raise FileNotFoundError(f"no hyperparameter rule at {path}: fit one with `monosemantic sweep "
+                                "--fit-rule SWEEP.json ... --out DIR` and pass --rule DIR/rule.json")
+    return HyperRule.load(path)
+
+
+def apply_rule(cfg: TrainConfig, rule: HyperRule, target_l0: float, d_model: int) -> tuple[TrainConfig, dict]:
+    """The training config for a target L0 at cfg's width: k = target L0 (top-k family), the LR
+    from the rule unless cfg sets one, and the coefficient from the rule (penalty family).
+    Returns the config and what was chosen (for the log and run.json)."""
+    if target_l0 <= 0:
+        raise ValueError(f"target L0 {target_l0} must be > 0")
+    width = cfg.resolve(d_model).n_features
+    chosen: dict = {"target_l0": target_l0, "width": width, "d_model": d_model}
+    changes: dict = {}
+    if cfg.activation in PENALTY_ACTIVATIONS:
+        if rule.coef is None:
+            raise ValueError("the rule has no coefficient law (its sweeps trained the top-k family "
+                             f"only), so it cannot choose --coef for {cfg.activation}; pass --coef "
+                             "or a rule fitted on penalty-family sweeps")
+        changes["coef"] = chosen["coef"] = rule.coef(width, target_l0, d_model)
+    else:
+        changes["k"] = chosen["k"] = max(1, round(target_l0))
+    if cfg.lr == 0:
+        if rule.lr is None:
+            raise ValueError("the rule has no LR law; pass --lr")
+        changes["lr"] = chosen["lr"] = rule.lr(width, target_l0, d_model)
+    return dataclasses.replace(cfg, **changes), chosen
 
 
 # ---- running a sweep ------------------------------------------------------------------------------
