@@ -187,6 +187,10 @@ class SweepArgs(ModelCorpusArgs):
     sweep.json, sweep.md and pareto.png and name the Pareto frontier. With --fit-rule, fit the LR
     and coefficient rule from finished sweeps' sweep.json files instead."""
 
+    model: str = field(positional=True, metavar="MODEL", nargs="?", default="")
+    """Model (as for train); not read with --fit-rule."""
+    corpus: str = field(positional=True, metavar="CORPUS", nargs="?", default="")
+    """Corpus (as for train); not read with --fit-rule."""
     hookpoints: list[str] = field(default_factory=lambda: ["model.layers.15"])
     """Hookpoints (as for train, attn.N allowed); the grid is trained on each."""
     out: str = "runs/sweep"
@@ -456,6 +460,9 @@ def cmd_sweep(args: SweepArgs) -> int:
         rule.save(Path(args.out) / "rule.json")
         print(f"lr rule: {rule.lr}\ncoef rule: {rule.coef}\n-> {Path(args.out) / 'rule.json'}")
         return 0
+    if not (args.model and args.corpus):
+        raise ValueError("sweep needs MODEL and CORPUS (or --fit-rule SWEEP.json ... to fit a rule "
+                         "from finished sweeps)")
     lm = load_model(args.model, trust_remote_code=args.trust_remote_code)
     hookpoints = resolve_hookpoints(lm.model, _attention_names(lm.model, args.hookpoints))
     rows = run_sweep(lm, args.corpus, hookpoints, args.train, args.grid, args.out,

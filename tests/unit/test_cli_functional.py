@@ -49,7 +49,6 @@ def test_sweep_then_fit_rule(tiny_model_folder, corpus, tmp_path, capsys):
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(rows) == 12 and any(r["frontier"] for r in rows)
     assert "frontier:" in capsys.readouterr().out
-    assert main(["sweep", str(tiny_model_folder), corpus, "--fit-rule", str(out / "sweep.json"),
-                 "--out", str(tmp_path / "rule")]) == 0
+    assert main(["sweep", "--fit-rule", str(out / "sweep.json"), "--out", str(tmp_path / "rule")]) == 0
     rule = json.loads((tmp_path / "rule" / "rule.json").read_text())
     assert rule["lr"]["n"] == 4 and "d_model" in rule["lr"]["fixed"]
