@@ -518,7 +518,6 @@ def cmd_refit(args: RefitArgs) -> int:
 
 def cmd_toy(args: ToyArgs) -> int:
     import dataclasses
-    import json
 
     from .metrics import format_table
     from .train.toy_run import train_toy

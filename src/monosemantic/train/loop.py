@@ -40,7 +40,7 @@ from torch import Tensor
 from ..coders import CoderConfig, SparseCoder, build_coder
 from ..coders.init import initialize
 from ..utils import atomic_write_json, prefetch, read_json
-from .checkpoint import load_checkpoint, pack_optimizer, save_checkpoint, unpack_optimizer
+from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
 from .config import Resolved, TrainConfig, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
 from .distributed import Parallel
