@@ -18,7 +18,7 @@ import dataclasses
 import json
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "gated", "relu")
@@ -60,18 +60,28 @@ def main() -> None:
     from monosemantic.metrics import format_table
 
     grid = [(a, r, s) for s in args.seeds for a in args.activations for r in args.ratios]
-    t0 = time.time()
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, a, r, s, args.tokens, args.mean_active) for a, r, s in grid]
-        rows = [f.result() for f in futures]
     cols = ["activation", "dict / N", "seed", "mmcs", "recovered >0.9", "dead %", "fvu", "l0", "seconds"]
-    print(format_table(rows, cols))
-    print(f"total wall time {time.time() - t0:.0f} s with {args.jobs} job(s)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "toy_recovery.json").write_text(json.dumps(
-        {"args": vars(args), "toy": {"d": 256, "n_features": 512, "mean_active": args.mean_active},
-         "rows": rows}, indent=1))
+    t0, done = time.time(), {}
+
+    def save() -> None:  # after every finished run, so a killed benchmark keeps what it has
+        rows = [done[g] for g in grid if g in done]
+        (out / "toy_recovery.json").write_text(json.dumps(
+            {"args": vars(args), "toy": {"d": 256, "n_features": 512, "mean_active": args.mean_active},
+             "rows": rows}, indent=1))
+        return rows
+
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_one, a, r, s, args.tokens, args.mean_active): (a, r, s)
+                   for a, r, s in grid}
+        for f in as_completed(futures):
+            done[futures[f]] = row = f.result()
+            print(" ".join(f"{c}={row[c]:.4g}" if isinstance(row[c], float) else f"{c}={row[c]}"
+                           for c in cols), flush=True)
+            save()
+    print(format_table(save(), cols))
+    print(f"total wall time {time.time() - t0:.0f} s with {args.jobs} job(s)")
 
 
 if __name__ == "__main__":
