@@ -495,9 +495,9 @@ def cmd_refit(args: RefitArgs) -> int:
     docs = load_corpus(corpus, "train").documents
     acts = collect_activations(lm, docs, hps, args.tokens, exclude_ids=special_token_ids(lm.tokenizer))
     x, y = acts[hps[0]], acts[hps[-1]]
-    if (folder / "training.json").exists():  # fit on the tokens the trainer kept, not its outliers
+    if (folder / "training.json").exists():  # fit on the tokens the trainer trained on
         t = read_json(folder / "training.json")
-        if t["outlier_multiple"] > 0:
+        if t["outlier_multiple"] > 0 and t.get("outliers_dropped", True):  # older runs dropped them
             keep = x.norm(dim=1) <= t["outlier_multiple"] * t["median_norm"]
             x, y = x[keep], y[keep]
     fit = refit_magnitudes(coder, x, y if len(hps) > 1 else None)

@@ -207,3 +207,27 @@ def test_resampling_stops_before_the_lr_decay(activation, every, expected):
                       tokens=2000 * 256, batch_size=256, resample_every=every, lr_decay=0.2)
     steps = cfg.resolve(16).resample_steps
     assert steps == tuple(s for s in expected if s < 1600)
+
+
+def _with_outliers(batches):
+    """From step 1 on, rows 0-3 of every batch are 100x a typical token (norm > 10x the median)."""
+    def from_step(start):
+        for s, b in enumerate(batches(start), start):
+            x = b[HOOKPOINT].clone()
+            if s > 0:
+                x[:4] *= 100.0
+            yield {HOOKPOINT: x}
+    return from_step
+
+
+def test_outliers_are_counted_and_trained_on_unless_dropped(tmp_path):
+    runs = {}
+    for drop in (False, True):
+        spec = CoderSpec("c", HOOKPOINT, TrainConfig(k=3, drop_outliers=drop, **{**BASE, "tokens": 256 * 4}))
+        coder = _trainer(tmp_path / str(drop), [spec]).fit(_with_outliers(_batches()), progress=False)["c"]
+        info = json.loads((tmp_path / str(drop) / "c" / "training.json").read_text())
+        assert info["n_outliers"] == 3 * 4 and info["outliers_dropped"] is drop
+        assert ("left out of training" if drop else "trained on") in info["outlier_rule"]
+        runs[drop] = coder
+    # the outlier rows moved the weights only where they were trained on
+    assert not torch.allclose(runs[False].W_dec, runs[True].W_dec, atol=1e-4)

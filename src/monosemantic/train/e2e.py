@@ -13,7 +13,7 @@ Each step reads a batch of token contexts [B, T] (`token_batches`) and:
   1. clean forward, no gradient: the logits, every coder's hookpoints, the blocks the ds term needs
      (local steps only run as far as the deepest hookpoint);
   2. spliced forward: each coder replaces its (output) hookpoint at the kept positions (not special
-     tokens, not the coder's outlier tokens), all coders at once, so a later coder reads what the
+     tokens, nor the coder's outlier tokens when it drops them), all coders at once, so a later coder reads what the
      earlier ones left; the model is never re-implemented, only hooked (hooks.patch);
   3. loss as above; the sparsity term is coef * penalty for the penalty family, and for the top-k
      family (k fixes L0) AuxK on the coder's local residual, the only gradient dead features get;
@@ -335,7 +335,9 @@ def _writer(trainer, st, pos: Tensor, rec: dict) -> Callable[[Tensor], Tensor]:
     def write(t: Tensor) -> Tensor:
         inp = rec.get("input", t)
         x = inp.reshape(-1, inp.shape[-1])[pos].float()
-        keep = trainer._keep(st, x)
+        keep, n_out = trainer._keep(st, x)
+        if keep is None:
+            keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         rows = pos[keep]
         x = x[keep] * st.scale_in
         y = (t.reshape(-1, t.shape[-1])[rows].float() * st.scale_out).detach()
@@ -345,7 +347,7 @@ def _writer(trainer, st, pos: Tensor, rec: dict) -> Callable[[Tensor], Tensor]:
         else:
             dense = coder(x, target=None if c.kind == "sae" else y)
             pred, sparse = dense.out, None
-        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=int((~keep).sum()))
+        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=n_out)
         flat = t.reshape(-1, t.shape[-1]).index_put((rows,), (pred / st.scale_out).to(t.dtype))
         return flat.reshape(t.shape)
     return write
@@ -431,7 +433,9 @@ def _remote_writer(trainer, spec, st, pos: Tensor, counts: list[int], rec: dict,
 
     def run(xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
         """On the owner: the coder on the global rows -> (rows to write, sparsity term)."""
-        keep = trainer._keep(st, xs)
+        keep, n_out = trainer._keep(st, xs)
+        if keep is None:
+            keep = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
         x, y = xs[keep] * st.scale_in, (ys[keep] * st.scale_out).detach()
         if st.spec.config.sparse_path and st.coder.has_sparse_path:
             sparse, dense = st.coder.forward_sparse(x), None
@@ -439,7 +443,7 @@ def _remote_writer(trainer, spec, st, pos: Tensor, counts: list[int], rec: dict,
         else:
             dense, sparse = st.coder(x, target=None if spec.config.kind == "sae" else y), None
             pred = dense.out
-        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=int((~keep).sum()))
+        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=n_out)
         written = ys.index_put((keep.nonzero(as_tuple=True)[0],), pred / st.scale_out)
         return written, _sparsity_term(st, rec, step, trainer.steps)
 

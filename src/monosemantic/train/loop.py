@@ -3,7 +3,8 @@
 Every step, each coder takes the same batch (its own input hookpoint, and for a transcoder its
 output hookpoint):
   1. check the batch is finite (else stop before any weight changes, naming hookpoint/row/dim);
-  2. drop outlier tokens (norm > outlier_multiple x the median norm measured at start) and count them;
+  2. count outlier tokens (norm > outlier_multiple x the median norm measured at start), and with
+     drop_outliers leave them out;
   3. scale by the normalisation constants (E||x||^2 = D), forward, and compute
        loss = ||y - y_hat||^2 (summed over dims, mean over tokens)
               + coef(t) * penalty(p(t)) + gated aux + auxk_coef * AuxK (top-k family);
@@ -166,8 +167,9 @@ class Trainer:
             x, y = self._xy(st, batch)
             norms = x.norm(dim=1)
             st.median_norm = float(norms.median())
-            keep = self._keep(st, x)
-            x, y = x[keep], y[keep]
+            keep = self._keep(st, x)[0]
+            if keep is not None:
+                x, y = x[keep], y[keep]
             if c.normalize:
                 st.scale_in = math.sqrt(x.shape[1] / float(x.pow(2).sum(1).mean()))
                 st.scale_out = (st.scale_in if c.kind == "sae"
@@ -227,10 +229,10 @@ class Trainer:
         _check_finite(st.spec.hookpoint, x, step)
         if st.spec.out_hookpoint:
             _check_finite(st.spec.out_hookpoint, y, step)
-        keep = self._keep(st, x)
-        dropped, same = int((~keep).sum()), y is x
-        st.n_outliers += dropped
-        if dropped:
+        keep, n_outliers = self._keep(st, x)
+        same = y is x
+        st.n_outliers += n_outliers
+        if keep is not None:  # drop_outliers, and some were found
             x = x[keep]
             y = x if same else y[keep]
         x_in = x * st.scale_in
@@ -289,11 +291,15 @@ class Trainer:
         y = batch[st.spec.out_hookpoint].to(self.device, torch.float32) if st.spec.out_hookpoint else x
         return x, y
 
-    def _keep(self, st: _State, x: Tensor) -> Tensor:
-        mult = st.spec.config.outlier_multiple
-        if mult <= 0 or st.median_norm <= 0:
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        return x.norm(dim=1) <= mult * st.median_norm
+    def _keep(self, st: _State, x: Tensor) -> tuple[Tensor | None, int]:
+        """(the rows to train on, None for all of them; the number of outlier rows): outliers are
+        always counted, and left out only with drop_outliers."""
+        c = st.spec.config
+        if c.outlier_multiple <= 0 or st.median_norm <= 0:
+            return None, 0
+        outlier = x.norm(dim=1) > c.outlier_multiple * st.median_norm
+        n = int(outlier.sum())
+        return (~outlier if c.drop_outliers and n else None), n
 
     def _wandb(self):
         project = self.specs[0].config.wandb_project
@@ -359,10 +365,13 @@ class Trainer:
             coder.save(str(self.out / st.spec.name))
             atomic_write_json(self.out / st.spec.name / "training.json", {
                 "steps": self.steps, "tokens": self.steps * st.spec.config.batch_size,
-                "n_outliers_dropped": st.n_outliers, "median_norm": st.median_norm,
+                "n_outliers": st.n_outliers, "outliers_dropped": st.spec.config.drop_outliers,
+                "median_norm": st.median_norm,
                 "outlier_multiple": st.spec.config.outlier_multiple,
                 "outlier_rule": f"norm > {st.spec.config.outlier_multiple} x median norm "
-                                f"({st.median_norm:.4g}) at the start of training",
+                                f"({st.median_norm:.4g}) at the start of training, "
+                                + ("left out of training" if st.spec.config.drop_outliers
+                                   else "trained on"),
                 "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},
                 "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens})
         self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
