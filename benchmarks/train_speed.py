@@ -3,7 +3,7 @@ dictionary-learning, side by side on the same cached activations, same configura
 
     python benchmarks/train_speed.py                          # full run: on a quiet machine
     python benchmarks/train_speed.py --smoke                  # every implementation, a few steps
-    python benchmarks/train_speed.py --lr-sweep               # quality at 0.5x, 1x, 2x each LR
+    python benchmarks/train_speed.py --lr-sweep               # quality at 0.5x, 1x, 2x, 4x each LR
     python benchmarks/train_speed.py --e2e --e2e-tokens 65536 # also end to end from raw text
 
 Configuration (issue O1.3): TopK SAE on SmolLM2-135M layer 15 (d = 576) from the cached
@@ -21,8 +21,9 @@ Steps:
      set-up (before the coder exists), compared with weights + Adam state + one batch ("floor");
   3. ceilings from the median GEMM rate: dense 12 d n FLOP/token (forward and backward of two
      d x n matrices), sparse-aware 2 d n FLOP/token (the dense encoder forward only);
-  4. quality: each implementation trains one epoch with its recommended LR (and 0.5x, 2x with
-     --lr-sweep, keeping the best), saves the coder in its own layout; we load it through
+  4. quality: each implementation trains one epoch with its recommended LR (and 0.5x, 2x, 4x with
+     --lr-sweep, keeping the best; --reuse takes finished rows from an earlier results.json),
+     saves the coder in its own layout; we load it through
      monosemantic.coders.interop and score it with monosemantic.metrics.ReconstructionStats on the
      eval split (its own activation cache, built once): FVU, FVU without outlier tokens (norm >
      10x the median), L0, dead %. "interop err" is the largest difference between the loaded
@@ -58,7 +59,7 @@ sys.path.insert(0, str(HERE / "peers"))
 from envs import PEERS, ensure_env  # noqa: E402
 
 from monosemantic.coders.interop import load_any, save_saelens, save_sparsify  # noqa: E402
-from monosemantic.data import ActivationCache, CacheRequest, build_cache, list_caches  # noqa: E402
+from monosemantic.data import ActivationCache, build_cache, list_caches  # noqa: E402
 from monosemantic.metrics import ReconstructionStats, format_table  # noqa: E402
 
 IMPLS = {"ours": "monosemantic", "sparsify": PEERS["sparsify"]["package"],
@@ -175,14 +176,26 @@ def quality(args, cache: ActivationCache, x_eval: torch.Tensor, out: Path) -> di
             "threads": args.threads, "warmup_frac": args.peer_warmup_frac,
             "norm_batches": args.dl_norm_batches}
     best: dict[str, dict] = {}
+    earlier = {}  # impl -> rows of an earlier run's sweep (--reuse)
+    if args.reuse:
+        earlier = {impl: q["tried"] for impl, q in json.loads(Path(args.reuse).read_text())["quality"].items()}
     for impl in args.impls:
         lr, tried = None, []
-        for mult in ([1.0, 0.5, 2.0] if args.lr_sweep else [1.0]):
+        mults = [1.0] + [m for m in args.lr_mults if m != 1.0] if args.lr_sweep else [1.0]
+        for mult in mults:
+            want = None if mult == 1.0 else lr * mult
+            old = [r for r in earlier.get(impl, []) if (want is None and r is earlier[impl][0])
+                   or (want is not None and abs(r["lr"] / want - 1) < 1e-3)]
+            if old and Path(old[0]["folder"]).exists():  # same impl, same LR, same settings
+                row = dict(old[0])
+                lr = lr or row["lr"]
+                print(f"quality: {impl:9s} lr {row['lr']:.2e}: reused from {args.reuse}", flush=True)
+                tried.append(row)
+                continue
             folder = out / "quality" / f"{impl}-x{mult:g}"
             if folder.exists():
                 shutil.rmtree(folder)
-            res = run_worker(impl, {**base, "lr": None if mult == 1.0 else lr * mult, "out": str(folder)},
-                             args.threads, args.timeout)
+            res = run_worker(impl, {**base, "lr": want, "out": str(folder)}, args.threads, args.timeout)
             lr = lr or res["lr"]
             coder = load_any(res["folder"])
             row = {**evaluate(coder, x_eval), "lr": res["lr"], "epoch s": res["wall_s"],
@@ -333,7 +346,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-quality", action="store_true", help="skip the one-epoch quality runs")
     p.add_argument("--epoch-tokens", type=int, default=0, help="quality budget (0 = the whole cache)")
-    p.add_argument("--lr-sweep", action="store_true", help="quality at 0.5x, 1x, 2x each LR")
+    p.add_argument("--lr-sweep", action="store_true", help="quality at --lr-mults x each LR")
+    p.add_argument("--lr-mults", nargs="+", type=float, default=[0.5, 1.0, 2.0, 4.0],
+                   help="LR multiples of each implementation's recommended LR for --lr-sweep")
+    p.add_argument("--reuse", default="",
+                   help="an earlier results.json whose quality rows (same implementation and LR, "
+                        "same settings: the caller's responsibility) are taken instead of retrained")
     p.add_argument("--eval-tokens", type=int, default=32768, help="eval-split tokens for quality")
     p.add_argument("--peer-warmup-frac", type=float, default=0.05)
     p.add_argument("--dl-norm-batches", type=int, default=100,
