@@ -310,11 +310,13 @@ class Parallel(RowTransport):
         if self.mode != "data":
             return init(batch)
         counts = self.row_counts(next(iter(batch.values())).shape[0])
-        held = [(st.coder, st.coder.batch_reduce) for st in states if hasattr(st.coder, "batch_reduce")]
+        held = [(st.coder, st.coder.batch_reduce) for st in states
+                if hasattr(st.coder, "batch_reduce")]
         for coder, _ in held:  # every rank initialises on the whole batch: no cross-rank selection
             coder.batch_reduce = None
         try:
-            init({h: self._gather_rows(t, counts, "gathering the first batch") for h, t in batch.items()})
+            init({h: self._gather_rows(t, counts, "gathering the first batch")
+                  for h, t in batch.items()})
         finally:
             for coder, reduce in held:
                 coder.batch_reduce = reduce
@@ -376,7 +378,9 @@ class Parallel(RowTransport):
         for p, flag in zip(params, flags.tolist()):
             n = p.numel()
             if flag > 0:
-                grad = buf[offset:offset + n] if n_tokens is None else buf[offset:offset + n] / max(total, 1.0)
+                grad = buf[offset:offset + n]
+                if n_tokens is not None:
+                    grad = grad / max(total, 1.0)
                 p.grad = grad.view_as(p).to(p.dtype)
             offset += n
 

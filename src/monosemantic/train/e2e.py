@@ -13,8 +13,9 @@ Each step reads a batch of token contexts [B, T] (`token_batches`) and:
   1. clean forward, no gradient: the logits, every coder's hookpoints, the blocks the ds term needs
      (local steps only run as far as the deepest hookpoint);
   2. spliced forward: each coder replaces its (output) hookpoint at the kept positions (not special
-     tokens, nor the coder's outlier tokens when it drops them), all coders at once, so a later coder reads what the
-     earlier ones left; the model is never re-implemented, only hooked (hooks.patch);
+     tokens, nor the coder's outlier tokens when it drops them), all coders at once, so a later
+     coder reads what the earlier ones left; the model is never re-implemented, only hooked
+     (hooks.patch);
   3. loss as above; the sparsity term is coef * penalty for the penalty family, and for the top-k
      family (k fixes L0) AuxK on the coder's local residual, the only gradient dead features get;
   4. backward: the model's parameters have requires_grad False (checked), so the gradient passes
@@ -251,7 +252,7 @@ class SplicedObjective:
         out = spliced_forward(self.model, clean.tokens, clean.mask, fns, clean.logits, clean.layers)
         kl, terms = out.kl, {st.spec.name: _sparsity_term(st, records[st.spec.name], step, trainer.steps)
                              for st in trainer.states if not remote}  # remote: applied by owners
-        ds = {name: v for name, v in out.ds.items()}
+        ds = dict(out.ds)
         if par.world > 1:
             mask = clean.mask
             sq = [clean.layers[name][mask].float().pow(2).sum() for name in ds]
@@ -330,27 +331,32 @@ def _hooks(pairs: list, writer: Callable) -> dict[str, Callable]:
 
 
 def _writer(trainer, st, pos: Tensor, rec: dict) -> Callable[[Tensor], Tensor]:
-    coder, c = st.coder, st.spec.config
-
     def write(t: Tensor) -> Tensor:
         inp = rec.get("input", t)
         x = inp.reshape(-1, inp.shape[-1])[pos].float()
-        keep, n_out = trainer._keep(st, x)
-        if keep is None:
-            keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        rows = pos[keep]
-        x = x[keep] * st.scale_in
-        y = (t.reshape(-1, t.shape[-1])[rows].float() * st.scale_out).detach()
-        if c.sparse_path and coder.has_sparse_path:
-            sparse = coder.forward_sparse(x)
-            pred, dense = sparse.out, None
-        else:
-            dense = coder(x, target=None if c.kind == "sae" else y)
-            pred, sparse = dense.out, None
-        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=n_out)
-        flat = t.reshape(-1, t.shape[-1]).index_put((rows,), (pred / st.scale_out).to(t.dtype))
+        keep, pred = _apply_coder(trainer, st, x, t.reshape(-1, t.shape[-1])[pos].float(), rec)
+        flat = t.reshape(-1, t.shape[-1]).index_put((pos[keep],), (pred / st.scale_out).to(t.dtype))
         return flat.reshape(t.shape)
     return write
+
+
+def _apply_coder(trainer, st, x: Tensor, y: Tensor, rec: dict) -> tuple[Tensor, Tensor]:
+    """Run a coder on raw rows x (input) and y (its hookpoint's clean output): drop its outliers if
+    it drops them, scale, forward; fill `rec` (normalised units). Returns (kept rows [n] bool, the
+    prediction for them in normalised units)."""
+    coder, c = st.coder, st.spec.config
+    keep, n_out = trainer._keep(st, x)
+    if keep is None:
+        keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    x, y = x[keep] * st.scale_in, (y[keep] * st.scale_out).detach()
+    if c.sparse_path and coder.has_sparse_path:
+        sparse, dense = coder.forward_sparse(x), None
+        pred = sparse.out
+    else:
+        dense, sparse = coder(x, target=None if c.kind == "sae" else y), None
+        pred = dense.out
+    rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=n_out)
+    return keep, pred
 
 
 def _sparsity_term(st, rec: dict, step: int, steps: int) -> Tensor:
@@ -433,17 +439,7 @@ def _remote_writer(trainer, spec, st, pos: Tensor, counts: list[int], rec: dict,
 
     def run(xs: Tensor, ys: Tensor) -> tuple[Tensor, Tensor]:
         """On the owner: the coder on the global rows -> (rows to write, sparsity term)."""
-        keep, n_out = trainer._keep(st, xs)
-        if keep is None:
-            keep = torch.ones(xs.shape[0], dtype=torch.bool, device=xs.device)
-        x, y = xs[keep] * st.scale_in, (ys[keep] * st.scale_out).detach()
-        if st.spec.config.sparse_path and st.coder.has_sparse_path:
-            sparse, dense = st.coder.forward_sparse(x), None
-            pred = sparse.out
-        else:
-            dense, sparse = st.coder(x, target=None if spec.config.kind == "sae" else y), None
-            pred = dense.out
-        rec.update(x=x, y=y, pred=pred, dense=dense, sparse=sparse, n_out=n_out)
+        keep, pred = _apply_coder(trainer, st, xs, ys, rec)
         written = ys.index_put((keep.nonzero(as_tuple=True)[0],), pred / st.scale_out)
         return written, _sparsity_term(st, rec, step, trainer.steps)
 
