@@ -1,7 +1,8 @@
 """BatchTopK coder (Bussmann et al. 2024, "BatchTopK sparse autoencoders").
 
 Training mode: keep the k*B largest ReLU'd pre-activations of the whole batch [B, F] (and any tied
-with the smallest of them), so tokens share a budget of k features on average instead of exactly k each.
+with the smallest of them), so tokens share a budget of k features on average instead of exactly k
+each.
 Inference cannot depend on the rest of the batch, so the coder learns a global threshold:
 after every training-mode batch, under no_grad,
     threshold <- momentum * threshold + (1 - momentum) * (smallest positive kept activation)
@@ -51,7 +52,7 @@ class BatchTopKCoder(SparseCoder):
         (k*B)-th largest (ties included), over every process's rows in data-parallel training."""
         flat = F.relu(pre_acts).flatten()
         if self.batch_reduce is not None and self.training:
-            tau, _ = self.batch_reduce(F.relu(pre_acts).detach(), self.cfg.k, False)
+            tau, _ = self.batch_reduce(flat.detach().view_as(pre_acts), self.cfg.k, False)
         else:
             tau = batch_threshold(flat.detach(), self.cfg.k * pre_acts.shape[0])
         keep = (flat >= tau) & (flat > 0)

@@ -143,7 +143,7 @@ class BatchTopKSelection(Selection):
         if self.reduce is not None:
             tau, widen = self.reduce(vals.clamp_min(0), self.k, check)
         else:
-            tau, widen = batch_threshold(flat, self.k * n_rows), False
+            tau = batch_threshold(flat, self.k * n_rows)
             last = vals[:, -1]  # everything a row left out is <= its last candidate
             widen = check and bool(((last > 0) & (last >= tau)).any())
         if widen:
