@@ -105,8 +105,8 @@ class TrainArgs(ModelCorpusArgs):
     target (top-k family), and the LR (unless --lr is set) and the penalty family's --coef come
     from the fitted rule (--rule), as functions of width, target L0 and the hookpoint's width."""
     rule: str = ""
-    """rule.json for --target-l0 (from `monosemantic sweep --fit-rule`); default: the rule fitted
-    on SmolLM2-135M sweeps at three hookpoints, shipped with monosemantic."""
+    """rule.json for --target-l0 (from `monosemantic sweep --fit-rule`). No default rule ships yet
+    (its sweeps have not been run): pass one."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ A covariate that does not vary in the data (one d_model, say) gets exponent 0 an
 
 `apply_rule` turns a width and a target L0 into a training config (`monosemantic train
 --target-l0`): k = the target for the top-k family, the LR and (penalty family) the coefficient
-from the rule; `DEFAULT_RULE` is the one fitted on this project's SmolLM2 sweeps.
+from the rule; `DEFAULT_RULE` is where this project's fitted rule will ship (not yet).
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def fit_rule_files(paths: list[str | Path], loss: str = "fvu") -> HyperRule:
 
 
 DEFAULT_RULE = Path(__file__).resolve().parent.parent / "rules" / "default.json"
-"""The rule `train --target-l0` uses unless given another: fitted on SmolLM2-135M sweeps at three
-hookpoints (BENCHMARKS.md, "Hyperparameter rule")."""
+"""Where the rule `train --target-l0` uses unless given another will ship (package data), once it
+is fitted on SmolLM2-135M sweeps at three hookpoints; until then `load_rule` asks for --rule."""
 
 
 def load_rule(path: str | Path = "") -> HyperRule:

@@ -85,5 +85,4 @@ def train_spliced(lm, corpus: str, specs: list[CoderSpec], out: str | Path, loss
                       objective=objective, parallel=parallel)
     batches = token_batches(lm.tokenizer, docs, ctx_len, lm.bos_token_id, contexts,
                             n_contexts=steps * contexts, seed=cfg.seed)
-    return trainer.fit(shard_batches(batches, parallel.rank, parallel.world)
-                       if parallel.world > 1 else batches, progress=progress)
+    return trainer.fit(shard_batches(batches, parallel.rank, parallel.world), progress=progress)
