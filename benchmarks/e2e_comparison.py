@@ -103,7 +103,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--batch-size", type=int, default=2048, help="tokens per step (whole contexts)")
     p.add_argument("--ctx-len", type=int, default=256)
-    p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64])
+    p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64],
+                   help="k of the local coders (one pass trains them all)")
+    p.add_argument("--e2e-ks", type=int, nargs="+", default=[],
+                   help="k of the e2e, e2e+ds and local+kl runs, one run each (default: --ks); with "
+                        "one k, each is compared with the local curve at its own CE increase")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="learning rate of every run (0 = the automatic 2e-4 / sqrt(F / 2^14), "
+                        "tuned for runs of millions of tokens: a few hundred steps want several "
+                        "times more, see BENCHMARKS.md's LR sweep)")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--finetune-frac", type=float, default=0.1)
@@ -120,7 +128,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         base = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, expansion=args.expansion,
-                           seed=seed, checkpoint_every=50)
+                           seed=seed, lr=args.lr, checkpoint_every=20)
         for method, loss in METHODS.items():
             if loss is None:
                 loss = LossConfig("local", kl_finetune_frac=args.finetune_frac)
@@ -128,7 +136,8 @@ def main() -> None:
                 loss = dataclasses.replace(loss, ds_coef=args.ds_coef)
             runs = ([[CoderSpec(f"k{k}", args.hookpoint, dataclasses.replace(base, k=k)) for k in args.ks]]
                     if method == "local" else  # one pass for every k
-                    [[CoderSpec(f"k{k}", args.hookpoint, dataclasses.replace(base, k=k))] for k in args.ks])
+                    [[CoderSpec(f"k{k}", args.hookpoint, dataclasses.replace(base, k=k))]
+                     for k in args.e2e_ks or args.ks])
             for specs in runs:
                 folder = out / f"{method}-s{seed}" / ("all" if method == "local" else specs[0].name)
                 start = time.perf_counter()
@@ -169,10 +178,14 @@ def write(rows: list[dict], args, out: Path) -> None:
         for seed in args.seeds:
             pts = [(r["l0"], r["ce_increase"]) for r in rows if r["method"] == method and r["seed"] == seed]
             matched[f"{method}-s{seed}"] = l0_at_ce(pts, target)
+    for r in rows:  # the L0 local needs for this run's CE increase, and the ratio
+        pts = [(q["l0"], q["ce_increase"]) for q in rows if q["method"] == "local" and q["seed"] == r["seed"]]
+        r["local_l0_at_same_ce"] = l0_at_ce(pts, r["ce_increase"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_comparison.json").write_text(json.dumps(
         {"args": vars(args), "match_ce": target, "l0_at_match": matched, "rows": rows}, indent=1))
-    cols = ["method", "seed", "k", "l0", "ce_increase", "kl", "fvu", "alive", "downstream_mean", "tokens_per_s"]
+    cols = ["method", "seed", "k", "l0", "ce_increase", "local_l0_at_same_ce", "kl", "fvu", "alive",
+            "downstream_mean", "tokens_per_s"]
     table = format_table([{c: r[c] for c in cols} for r in rows], cols)
     lines = ["```", table, "```", "", f"L0 at CE increase {target:.4f} nats (interpolated in log L0):", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in matched.items()]

@@ -8,7 +8,8 @@ the rows to a JSON file.
 
     python benchmarks/toy_recovery.py --tokens 2000000 --jobs 2 --out runs/toy_bench
 
-Runs are independent; --jobs runs that many at once, each on one CPU thread.
+Runs are independent; --jobs runs that many at once, each on one CPU thread. Rerunning with the
+same --out, --tokens and --mean-active keeps the rows already there and runs only the missing ones.
 """
 
 from __future__ import annotations
@@ -64,17 +65,26 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0, done = time.time(), {}
+    prior = out / "toy_recovery.json"
+    if prior.exists():  # resume: keep finished runs of the same budget and data
+        old = json.loads(prior.read_text())
+        if (old["args"]["tokens"], old["toy"]["mean_active"]) == (args.tokens, args.mean_active):
+            for row in old["rows"]:
+                done[(row["activation"], row["dict / N"], row["seed"])] = row
+            print(f"kept {len(done)} finished run(s) from {prior}", flush=True)
 
     def save() -> None:  # after every finished run, so a killed benchmark keeps what it has
-        rows = [done[g] for g in grid if g in done]
-        (out / "toy_recovery.json").write_text(json.dumps(
+        rows = [done[g] for g in grid if g in done] + [r for g, r in done.items() if g not in grid]
+        tmp = out / "toy_recovery.json.tmp"
+        tmp.write_text(json.dumps(
             {"args": vars(args), "toy": {"d": 256, "n_features": 512, "mean_active": args.mean_active},
              "rows": rows}, indent=1))
+        tmp.replace(out / "toy_recovery.json")
         return rows
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_one, a, r, s, args.tokens, args.mean_active): (a, r, s)
-                   for a, r, s in grid}
+                   for a, r, s in grid if (a, r, s) not in done}
         for f in as_completed(futures):
             done[futures[f]] = row = f.result()
             print(" ".join(f"{c}={row[c]:.4g}" if isinstance(row[c], float) else f"{c}={row[c]}"

@@ -52,3 +52,17 @@ def test_sweep_then_fit_rule(tiny_model_folder, corpus, tmp_path, capsys):
     assert main(["sweep", "--fit-rule", str(out / "sweep.json"), "--out", str(tmp_path / "rule")]) == 0
     rule = json.loads((tmp_path / "rule" / "rule.json").read_text())
     assert rule["lr"]["n"] == 4 and "d_model" in rule["lr"]["fixed"]
+
+
+def test_every_command_prints_its_help():
+    """argparse %-formats each option's help (taken from the docstrings): a stray '%' breaks it."""
+    import argparse
+
+    from monosemantic.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"train", "eval", "sweep", "toy"} <= set(sub.choices)
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        assert text.startswith("usage: monosemantic " + name), name

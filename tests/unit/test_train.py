@@ -199,12 +199,13 @@ def test_resampling_resets_every_per_feature_parameter(activation):
     ("topk", 0, ()),                              # the top-k family has AuxK
     ("relu", 0, (500, 1000, 1500)),               # 1/4, 1/2, 3/4
     ("relu", -1, ())])
-def test_resampling_stops_before_the_lr_decay(activation, every, expected):
+@pytest.mark.parametrize("decay", [0.2, 0.0])  # no decay: still none in the last 20% of steps
+def test_resampling_stops_before_the_lr_decay(activation, every, expected, decay):
     # 2,000 steps, LR decay over the last 20% (from step 1,600): nothing resampled from then on,
     # since a fresh feature has no LR left to settle (a top-k toy run at 2N lost its whole FVU to
     # features resampled in its last 25 steps)
     cfg = TrainConfig(activation=activation, k=4, coef=1.0 if activation == "relu" else 0.0,
-                      tokens=2000 * 256, batch_size=256, resample_every=every, lr_decay=0.2)
+                      tokens=2000 * 256, batch_size=256, resample_every=every, lr_decay=decay)
     steps = cfg.resolve(16).resample_steps
     assert steps == tuple(s for s in expected if s < 1600)
 
@@ -231,3 +232,50 @@ def test_outliers_are_counted_and_trained_on_unless_dropped(tmp_path):
         runs[drop] = coder
     # the outlier rows moved the weights only where they were trained on
     assert not torch.allclose(runs[False].W_dec, runs[True].W_dec, atol=1e-4)
+
+
+def test_gradient_clipping_caps_the_norm_the_optimizer_sees():
+    from monosemantic.train.config import clip_gradients
+
+    coder = torch.nn.Linear(4, 3)
+    for p in coder.parameters():
+        p.grad = torch.full_like(p, 2.0)  # norm sqrt(15) * 2
+    assert clip_gradients(coder, 0.0) is None  # off: untouched
+    assert torch.equal(coder.weight.grad, torch.full((3, 4), 2.0))
+    before = clip_gradients(coder, 1.0)
+    assert before == pytest.approx(2 * 15 ** 0.5)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in coder.parameters()]))
+    assert after == pytest.approx(1.0, rel=1e-5)
+    assert clip_gradients(coder, 10.0) == pytest.approx(1.0, rel=1e-5)  # below the cap: unchanged
+    assert torch.allclose(coder.bias.grad, torch.full((3,), 2 / (2 * 15 ** 0.5)))
+
+
+def test_a_spike_batch_moves_a_clipped_coder_less(tmp_path):
+    """One batch with a token 1000x the others' norm: without clipping its gradient dominates
+    Adam's second moments; with grad_clip the step after it is as large as the steps before."""
+    def run(out, clip):
+        cfg = TrainConfig(k=3, grad_clip=clip, **{**BASE, "tokens": 256 * 6, "lr_warmup": 0.0})
+        tr = _trainer(out, [CoderSpec("c", HOOKPOINT, cfg)])
+        norms = []
+        step = tr._step
+
+        def wrapped(st, batch, i):
+            step(st, batch, i)
+            norms.append(st.last.get("grad_norm"))
+        tr._step = wrapped
+
+        def spiky(start):
+            for i, b in enumerate(_batches()(start)):
+                if start + i == 3:
+                    b = {HOOKPOINT: b[HOOKPOINT].clone()}
+                    b[HOOKPOINT][0] *= 1000.0
+                yield b
+        tr.fit(spiky, progress=False)
+        return norms, tr.states[0].opt
+    norms, opt = run(tmp_path / "clip", 1.0)
+    assert len(norms) == 6 and norms[3] > 100 * max(norms[:3])  # the spike, measured before clipping
+    v_clip = max(float(s["exp_avg_sq"].max()) for s in opt.state.values())
+    free, opt = run(tmp_path / "free", 0.0)
+    assert free == [None] * 6  # no pass over the gradients when off
+    v_free = max(float(s["exp_avg_sq"].max()) for s in opt.state.values())
+    assert v_free > 100 * v_clip

@@ -42,7 +42,7 @@ from ..coders import CoderConfig, SparseCoder, build_coder
 from ..coders.init import initialize
 from ..utils import atomic_write_json, prefetch, read_json
 from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
-from .config import Resolved, TrainConfig, lr_factor, ramp
+from .config import Resolved, TrainConfig, clip_gradients, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
 from .distributed import Parallel
 
@@ -269,6 +269,7 @@ class Trainer:
         self.parallel.reduce_gradients(coder, x.shape[0])  # data-parallel: the whole batch's gradient
         if st.constrained:
             coder.remove_gradient_parallel_to_decoder()
+        grad_norm = clip_gradients(coder, c.grad_clip)
         st.opt.step()
         if st.constrained:
             coder.set_decoder_to_unit_norm()
@@ -285,6 +286,8 @@ class Trainer:
                        "l0": (float((out.acts > 0).sum(-1).float().mean()) if sparse is None
                               else sparse.active.l0()),
                        "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
+            if grad_norm is not None:
+                st.last["grad_norm"] = grad_norm
 
     def _xy(self, st: _State, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         x = batch[st.spec.hookpoint].to(self.device, torch.float32)
