@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from conftest import make_lm, sample_documents
-from monosemantic.evaluate.sweep import (HyperRule, SweepGrid, apply_rule, fit_rule, fit_rule_files,
-                                         grid_specs, load_rule, pareto_frontier, run_sweep)
+from monosemantic.evaluate.sweep import (HyperRule, SweepGrid, apply_rule, check_rule, fit_rule,
+                                         fit_rule_files, grid_specs, load_rule, pareto_frontier,
+                                         run_sweep)
 from monosemantic.train import TrainConfig
 
 
@@ -58,6 +60,22 @@ def test_fitted_rule_recovers_the_planted_laws(tmp_path):
     one = fit_rule_files([tmp_path / "s.json"])
     assert one.lr.fixed == ("d_model",) and one.lr.d == 0.0
     assert one.lr(4096, 30, 576) == pytest.approx(rule.lr(4096, 30, 576), rel=1e-6)
+
+
+def test_rule_check_reports_the_distance_to_each_swept_best():
+    rows = _synthetic_rows()
+    check = check_rule(rows, fit_rule(rows))
+    assert len(check) == 3 * 3 * 4  # one per (hookpoint, width, coef)
+    for c in check:  # the planted law is exact: the rule lands on the best, at the best FVU
+        assert c["rule / best"] == pytest.approx(1.0, rel=1e-6)
+        lo, hi = 0.1 + 0.05 * math.log(2) ** 2, 0.1 + 0.05 * math.log(1.3) ** 2  # grid: best/2, 1.3 best
+        t = math.log(2) / math.log(2.6)
+        assert c["fvu at rule lr"] == pytest.approx(lo + t * (hi - lo), rel=1e-6)
+        assert c["best fvu"] == pytest.approx(hi)
+    off = HyperRule(dataclasses.replace(fit_rule(rows).lr, a=fit_rule(rows).lr.a + math.log(2)), None)
+    for c in check_rule(rows, off):  # a rule 2x too high: ratio 2, a worse loss, or off the grid
+        assert c["rule / best"] == pytest.approx(2.0, rel=1e-6)
+        assert math.isnan(c["fvu at rule lr"]) or c["fvu at rule lr"] > c["best fvu"]
 
 
 def test_sweep_trains_the_grid_in_one_pass_and_writes_its_files(tmp_path, monkeypatch):

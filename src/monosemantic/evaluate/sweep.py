@@ -224,6 +224,33 @@ def fit_rule(rows: list[dict], loss: str = "fvu") -> HyperRule:
     return HyperRule(_fit_power_law(lr_samples), _fit_power_law(coef_samples))
 
 
+def check_rule(rows: list[dict], rule: HyperRule, loss: str = "fvu") -> list[dict]:
+    """How close the rule's LR lands to each group's swept best: per (hookpoint, width, k or coef)
+    the best LR (as `fit_rule` finds it), the rule's LR for the group's width, L0 and d_model,
+    their ratio, the best loss on the grid and the loss at the rule's LR (interpolated linearly in
+    log LR between grid points; NaN outside the grid)."""
+    if rule.lr is None:
+        raise ValueError("the rule has no LR law to check")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("lr", 0) > 0 and r.get(loss) is not None:
+            groups.setdefault((r["hookpoint"], r["n_features"], r.get("k"), r.get("coef")), []).append(r)
+    out = []
+    for (hookpoint, width, k, coef), group in groups.items():
+        group = sorted(group, key=lambda r: r["lr"])
+        best_lr, best = _best_lr(group, loss)
+        want = rule.lr(width, best["l0"], best["d_model"])
+        at_rule = math.nan
+        for lo, hi in zip(group, group[1:]):
+            if lo["lr"] <= want <= hi["lr"]:
+                t = (math.log(want) - math.log(lo["lr"])) / (math.log(hi["lr"]) - math.log(lo["lr"]))
+                at_rule = lo[loss] + t * (hi[loss] - lo[loss])
+        out.append({"hookpoint": hookpoint, "n_features": width, **({"coef": coef} if coef else {"k": k}),
+                    "best_lr": best_lr, "rule_lr": want, "rule / best": want / best_lr,
+                    f"best {loss}": min(r[loss] for r in group), f"{loss} at rule lr": at_rule})
+    return out
+
+
 def fit_rule_files(paths: list[str | Path], loss: str = "fvu") -> HyperRule:
     """`fit_rule` over the rows of several sweep.json files (for example one per hookpoint)."""
     rows = [r for p in paths for r in read_json(p)["rows"]]
