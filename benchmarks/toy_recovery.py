@@ -25,7 +25,8 @@ from pathlib import Path
 ACTIVATIONS = ("topk", "batchtopk", "jumprelu", "gated", "relu")
 
 
-def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float) -> dict:
+def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
+            coef: float | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -36,7 +37,8 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float) 
     toy = ToyConfig(d=256, n_features=512, mean_active=mean_active)
     # as cmd_toy builds it, plus k = the true mean active count and this run's budget and seed
     cfg = dataclasses.replace(ToyArgs().train, activation=act, n_features=round(ratio * toy.n_features),
-                              coef=TOY_COEF.get(act, 0.0), k=max(1, round(mean_active)),
+                              coef=TOY_COEF.get(act, 0.0) if coef is None else coef,
+                              k=max(1, round(mean_active)),
                               tokens=tokens, seed=seed)
     t0 = time.time()
     with tempfile.TemporaryDirectory() as out:
@@ -55,11 +57,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--mean-active", type=float, default=5.0)
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--coef", action="append", default=[], metavar="ACTIVATION=COEF",
+                    help="sparsity coefficient instead of the toy default, e.g. jumprelu=2")
     ap.add_argument("--out", default="runs/toy_bench")
     args = ap.parse_args()
 
     from monosemantic.metrics import format_table
 
+    coefs = {a: float(v) for a, v in (c.split("=") for c in args.coef)}
     grid = [(a, r, s) for s in args.seeds for a in args.activations for r in args.ratios]
     cols = ["activation", "dict / N", "seed", "mmcs", "recovered >0.9", "dead %", "fvu", "l0", "seconds"]
     out = Path(args.out)
@@ -83,7 +88,7 @@ def main() -> None:
         return rows
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_one, a, r, s, args.tokens, args.mean_active): (a, r, s)
+        futures = {pool.submit(run_one, a, r, s, args.tokens, args.mean_active, coefs.get(a)): (a, r, s)
                    for a, r, s in grid if (a, r, s) not in done}
         for f in as_completed(futures):
             done[futures[f]] = row = f.result()
