@@ -133,6 +133,7 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
     (dict(activation="jumprelu"), "coefficient must be > 0"),
     (dict(tokens=100, batch_size=256), "less than one batch"),
     (dict(lr_warmup=2.0), "lr_warmup=2.0 must be a fraction"),
+    (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
 ])
 def test_bad_training_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -104,8 +104,8 @@ class TrainConfig:
     resample_every: int = 0
     """Resample dead features every this many steps (0 = at 1/4, 1/2 and 3/4 of training when the
     architecture has a penalty, never for the top-k family, which has AuxK; -1 = never). Never
-    in the last fifth of the steps nor once the LR decay has begun: a feature resampled then has no time
-    (or no LR) left to settle, and at the end of a top-k run fresh features win the top k from
+    in the last fifth of the steps nor once the LR decay has begun: a feature resampled then has no
+    time (or no LR) left to settle, and at the end of a top-k run fresh features win the top k from
     trained ones (seen on toy data at 2N: FVU 0.05 -> 1.1 in the last 25 steps)."""
     sparse_path: bool = True
     """Train the top-k family through the sparse path (coders/sparse.py: one dense encoder GEMM,
@@ -134,6 +134,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.lr < 0:
             raise ValueError(f"lr={self.lr} must be >= 0 (0 = automatic)")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
         if self.n_features < 0 or self.expansion < 1:
             raise ValueError("n_features must be >= 0 and expansion >= 1")
         if not 0 < self.p <= 1 or not 0 <= self.p_end <= 1:
