@@ -128,3 +128,16 @@ def test_train_command_with_a_target_l0(tiny_model_folder, text_file, tmp_path, 
     cfg = json.loads((tmp_path / "run" / "run.json").read_text())["coders"][0]["config"]
     assert cfg["k"] == 6
     assert cfg["lr"] == pytest.approx(0.03 * 64 ** -0.5 * 6 ** 0.25 * 32 ** -0.2, rel=1e-3)
+
+
+def test_the_shipped_rule_loads_and_chooses_a_plausible_lr():
+    from monosemantic.evaluate.sweep import DEFAULT_RULE
+
+    rule = load_rule()  # no path: the package's default
+    assert DEFAULT_RULE.exists() and rule.lr is not None and rule.lr.n >= 9
+    assert {h for f in rule.fitted_on for h in f["hookpoints"]} >= {"model.layers.5", "model.layers.15"}
+    cfg, chosen = apply_rule(TrainConfig(expansion=8), rule, 32, 576)
+    assert cfg.k == 32 and 1e-4 < cfg.lr < 1e-2  # inside the swept range (5e-4 .. 4.5e-3), roughly
+    if rule.coef is None:
+        with pytest.raises(ValueError, match="no coefficient law"):
+            apply_rule(TrainConfig(activation="relu", coef=1.0), rule, 32, 576)

@@ -21,7 +21,7 @@ A covariate that does not vary in the data (one d_model, say) gets exponent 0 an
 
 `apply_rule` turns a width and a target L0 into a training config (`monosemantic train
 --target-l0`): k = the target for the top-k family, the LR and (penalty family) the coefficient
-from the rule; `DEFAULT_RULE` is where this project's fitted rule will ship (not yet).
+from the rule; `DEFAULT_RULE` is the shipped rule (TopK sweeps on SmolLM2-135M).
 """
 
 from __future__ import annotations
@@ -163,6 +163,10 @@ class HyperRule:
 
     lr: PowerLaw | None
     coef: PowerLaw | None
+    fitted_on: tuple[dict, ...] = ()
+    """What each sweep the rule was fitted on trained: model, corpus, hookpoints, tokens, batch
+    size (a rule fitted at one budget is not a rule for another: the best LR falls as runs get
+    longer)."""
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(path, dataclasses.asdict(self))
@@ -171,7 +175,7 @@ class HyperRule:
     def load(cls, path: str | Path) -> "HyperRule":
         d = read_json(path)
         law = lambda v: None if v is None else PowerLaw(**{**v, "fixed": tuple(v["fixed"])})  # noqa: E731
-        return cls(law(d["lr"]), law(d["coef"]))
+        return cls(law(d["lr"]), law(d["coef"]), tuple(d.get("fitted_on", ())))
 
 
 def _fit_power_law(samples: list[tuple[float, float, float, float]]) -> PowerLaw | None:
@@ -253,15 +257,22 @@ def check_rule(rows: list[dict], rule: HyperRule, loss: str = "fvu") -> list[dic
 
 def fit_rule_files(paths: list[str | Path], loss: str = "fvu") -> HyperRule:
     """`fit_rule` over the rows of several sweep.json files (for example one per hookpoint)."""
-    rows = [r for p in paths for r in read_json(p)["rows"]]
+    sweeps = [read_json(p) for p in paths]
+    rows = [r for sw in sweeps for r in sw["rows"]]
     if not rows:
         raise ValueError(f"no sweep rows in {', '.join(map(str, paths))}")
-    return fit_rule(rows, loss)
+    fitted_on = tuple({"model": sw.get("model"), "corpus": sw.get("corpus"),
+                       "hookpoints": sw.get("hookpoints"), "activation": sw.get("train", {}).get("activation"),
+                       "tokens": sw.get("train", {}).get("tokens"),
+                       "batch_size": sw.get("train", {}).get("batch_size")} for sw in sweeps)
+    return dataclasses.replace(fit_rule(rows, loss), fitted_on=fitted_on)
 
 
 DEFAULT_RULE = Path(__file__).resolve().parent.parent / "rules" / "default.json"
-"""Where the rule `train --target-l0` uses unless given another will ship (package data), once it
-is fitted on SmolLM2-135M sweeps at three hookpoints; until then `load_rule` asks for --rule."""
+"""The rule `train --target-l0` uses unless given another (package data): fitted on TopK sweeps of
+SmolLM2-135M at model.layers.5, model.layers.15 and model.layers.15.mlp.down_proj:input, 200k
+tokens in batches of 1024 (`fitted_on` in the file; the sweep and the rule's distance to each
+swept best are in BENCHMARKS.md). LR law only."""
 
 
 def load_rule(path: str | Path = "") -> HyperRule:
