@@ -18,6 +18,8 @@ from monosemantic.train import TrainConfig
 def test_pareto_frontier_keeps_only_undominated_points():
     pts = [(10, 0.5), (20, 0.3), (15, 0.6), (40, 0.3), (40, 0.1), (5, float("nan"))]
     assert pareto_frontier(pts) == [0, 1, 4]
+    near = [(63.99, 0.43), (64.0, 0.38), (16.0, 0.5)]  # 63.99 is no sparser than 64
+    assert pareto_frontier(near) == [0, 1, 2] and pareto_frontier(near, x_tol=0.01) == [1, 2]
 
 
 def test_grid_names_every_combination_once():

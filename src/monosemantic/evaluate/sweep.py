@@ -72,11 +72,13 @@ def grid_specs(hookpoints: list[str], base: TrainConfig, grid: SweepGrid) -> lis
     return specs
 
 
-def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
-    """Indexes of the points no other point beats on both coordinates (both minimised)."""
+def pareto_frontier(points: list[tuple[float, float]], x_tol: float = 0.0) -> list[int]:
+    """Indexes of the points no other point beats on both coordinates (both minimised). x values
+    within a relative x_tol count as equal (a top-k coder's L0 of 63.99 is not sparser than 64)."""
     out = []
     for i, (x, y) in enumerate(points):
-        if any(not (math.isnan(x) or math.isnan(y)) and (u <= x and v <= y and (u < x or v < y))
+        if any(not (math.isnan(x) or math.isnan(y))
+               and (u <= x * (1 + x_tol) and v <= y and (u < x * (1 - x_tol) or v < y))
                for j, (u, v) in enumerate(points) if j != i):
             continue
         if not (math.isnan(x) or math.isnan(y)):
@@ -84,11 +86,16 @@ def pareto_frontier(points: list[tuple[float, float]]) -> list[int]:
     return out
 
 
+L0_TOLERANCE = 0.01
+"""L0s within 1% of each other count as equal on the frontier (BatchTopK and top-k coders miss k
+by a few hundredths on some tokens)."""
+
+
 def mark_frontier(rows: list[dict], loss: str) -> None:
     """Set rows' 'frontier' (per hookpoint, on (l0, loss))."""
     for h in dict.fromkeys(r["hookpoint"] for r in rows):
         mine = [r for r in rows if r["hookpoint"] == h]
-        front = set(pareto_frontier([(r["l0"], r.get(loss, math.nan)) for r in mine]))
+        front = set(pareto_frontier([(r["l0"], r.get(loss, math.nan)) for r in mine], L0_TOLERANCE))
         for i, r in enumerate(mine):
             r["frontier"] = i in front
 
