@@ -172,7 +172,7 @@ def interop_error(coder, folder: Path) -> float:
 def quality(args, cache: ActivationCache, x_eval: torch.Tensor, out: Path) -> dict:
     steps = min(len(cache), args.epoch_tokens or len(cache)) // args.batch_size
     base = {"cache": str(cache.folder), "hookpoint": args.hookpoint, "batch_size": args.batch_size,
-            "n_features": args.n_features, "k": args.k, "steps": steps, "warmup": 0, "seed": 0,
+            "n_features": args.n_features, "k": args.k, "steps": steps, "warmup": 0, "seed": args.seed,
             "threads": args.threads, "warmup_frac": args.peer_warmup_frac,
             "norm_batches": args.dl_norm_batches}
     best: dict[str, dict] = {}
@@ -353,6 +353,8 @@ def main() -> None:
                    help="an earlier results.json whose quality rows (same implementation and LR, "
                         "same settings: the caller's responsibility) are taken instead of retrained")
     p.add_argument("--eval-tokens", type=int, default=32768, help="eval-split tokens for quality")
+    p.add_argument("--seed", type=int, default=0,
+                   help="quality runs' seed (initialisation and batch order; the same for every impl)")
     p.add_argument("--peer-warmup-frac", type=float, default=0.05)
     p.add_argument("--dl-norm-batches", type=int, default=100,
                    help="batches dictionary-learning's trainSAE averages for its norm factor")
