@@ -219,15 +219,20 @@ def _best_lr(group: list[dict], loss: str) -> tuple[float, dict]:
     return group[i]["lr"], group[i]
 
 
+def _groups(rows: list[dict], loss: str) -> dict[tuple, list[dict]]:
+    """Rows with an LR and a loss, by (hookpoint, width, k, coef): the LR varies within a group."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("lr", 0) > 0 and r.get(loss) is not None:
+            groups.setdefault((r["hookpoint"], r["n_features"], r.get("k"), r.get("coef")), []).append(r)
+    return groups
+
+
 def fit_rule(rows: list[dict], loss: str = "fvu") -> HyperRule:
     """Fit the LR and coefficient rules from sweep rows (each with hookpoint, n_features, d_model,
     lr > 0, l0, `loss`, and k or coef)."""
-    rows = [r for r in rows if r.get("lr", 0) > 0 and r.get(loss) is not None]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["hookpoint"], r["n_features"], r.get("k"), r.get("coef")), []).append(r)
     lr_samples, coef_samples = [], []
-    for group in groups.values():
+    for group in _groups(rows, loss).values():
         lr, best = _best_lr(group, loss)
         lr_samples.append((best["n_features"], best["l0"], best["d_model"], lr))
         if best.get("coef"):
@@ -242,12 +247,8 @@ def check_rule(rows: list[dict], rule: HyperRule, loss: str = "fvu") -> list[dic
     log LR between grid points; NaN outside the grid)."""
     if rule.lr is None:
         raise ValueError("the rule has no LR law to check")
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("lr", 0) > 0 and r.get(loss) is not None:
-            groups.setdefault((r["hookpoint"], r["n_features"], r.get("k"), r.get("coef")), []).append(r)
     out = []
-    for (hookpoint, width, k, coef), group in groups.items():
+    for (hookpoint, width, k, coef), group in _groups(rows, loss).items():
         group = sorted(group, key=lambda r: r["lr"])
         best_lr, best = _best_lr(group, loss)
         want = rule.lr(width, best["l0"], best["d_model"])

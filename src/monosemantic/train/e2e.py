@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..data.tokens import iter_contexts, keep_mask
 from ..hooks import Hookpoint, capture, patch, run_to_hookpoints
 from ..models import decoder_layers
-from .config import clip_gradients, lr_factor, ramp
+from .config import lr_factor, ramp
 from .dead import resample_dead
 
 LOSSES = ("local", "e2e", "e2e+ds")
@@ -456,12 +456,7 @@ def _remote_writer(trainer, spec, st, pos: Tensor, counts: list[int], rec: dict,
 
 def _update(st, rec: dict, step: int, loss: float, out: Spliced, ds: float, par=None) -> None:
     coder, c = st.coder, st.spec.config
-    if st.constrained:
-        coder.remove_gradient_parallel_to_decoder()
-    clip_gradients(coder, c.grad_clip)
-    st.opt.step()
-    if st.constrained:
-        coder.set_decoder_to_unit_norm()
+    st.optimizer_step()
     st.n_outliers += rec["n_out"]
     x, y, pred = rec["x"], rec["y"], rec["pred"].detach()
     if rec["sparse"] is None:

@@ -79,6 +79,18 @@ class _State:
         unless the architecture requires unit norm, as gated does)."""
         return self.coder.unit_norm_decoder or self.coder.cfg.resolved_penalty not in ("l1", "lp")
 
+    def optimizer_step(self) -> float | None:
+        """The update after the backward, for local and e2e training alike: the decoder gradient's
+        component along each (unit) row removed, the gradient clipped (grad_clip), Adam, the rows
+        renormalised. Returns the gradient norm before clipping (None when clipping is off)."""
+        if self.constrained:
+            self.coder.remove_gradient_parallel_to_decoder()
+        norm = clip_gradients(self.coder, self.spec.config.grad_clip)
+        self.opt.step()
+        if self.constrained:
+            self.coder.set_decoder_to_unit_norm()
+        return norm
+
 
 Batches = Callable[[int], Iterator[dict[str, Tensor]]]
 """start_step -> iterator of batches (hookpoint -> [B, D]) from that step on."""
@@ -267,12 +279,7 @@ class Trainer:
         st.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.parallel.reduce_gradients(coder, x.shape[0])  # data-parallel: the whole batch's gradient
-        if st.constrained:
-            coder.remove_gradient_parallel_to_decoder()
-        grad_norm = clip_gradients(coder, c.grad_clip)
-        st.opt.step()
-        if st.constrained:
-            coder.set_decoder_to_unit_norm()
+        grad_norm = st.optimizer_step()
         if sparse is None:
             st.dead.update(out.acts.detach())
         else:
