@@ -62,7 +62,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/toy_bench")
     args = ap.parse_args()
 
+    from monosemantic.cli import TOY_COEF
     from monosemantic.metrics import format_table
+    from monosemantic.utils import atomic_write_json
 
     coefs = {a: float(v) for a, v in (c.split("=") for c in args.coef)}
     grid = [(a, r, s) for s in args.seeds for a in args.activations for r in args.ratios]
@@ -71,20 +73,19 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t0, done = time.time(), {}
     prior = out / "toy_recovery.json"
-    if prior.exists():  # resume: keep finished runs of the same budget and data
+    if prior.exists():  # resume: keep finished runs of the same budget, data and coefficient
         old = json.loads(prior.read_text())
         if (old["args"]["tokens"], old["toy"]["mean_active"]) == (args.tokens, args.mean_active):
             for row in old["rows"]:
-                done[(row["activation"], row["dict / N"], row["seed"])] = row
+                if row["coef"] == coefs.get(row["activation"], TOY_COEF.get(row["activation"], 0.0)):
+                    done[(row["activation"], row["dict / N"], row["seed"])] = row
             print(f"kept {len(done)} finished run(s) from {prior}", flush=True)
 
     def save() -> None:  # after every finished run, so a killed benchmark keeps what it has
         rows = [done[g] for g in grid if g in done] + [r for g, r in done.items() if g not in grid]
-        tmp = out / "toy_recovery.json.tmp"
-        tmp.write_text(json.dumps(
-            {"args": vars(args), "toy": {"d": 256, "n_features": 512, "mean_active": args.mean_active},
-             "rows": rows}, indent=1))
-        tmp.replace(out / "toy_recovery.json")
+        atomic_write_json(out / "toy_recovery.json",
+                          {"args": vars(args), "rows": rows,
+                           "toy": {"d": 256, "n_features": 512, "mean_active": args.mean_active}})
         return rows
 
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
