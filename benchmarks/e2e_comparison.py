@@ -8,25 +8,25 @@ e2e+ds and the KL fine-tune at k = 32 each compared with the local curve at thei
 increase, two seeds; LR 1e-3 for all, since the automatic LR is tuned for millions of tokens):
 
     python benchmarks/e2e_comparison.py --tokens 200000 --seeds 0 1 --ks 16 32 64 128 \
-        --e2e-ks 32 --lr 1e-3 --hookpoint model.layers.15 --out benchmarks/results/e2e_comparison
+        --e2e-ks 32 --lr 1e-3 --hookpoint model.layers.15 --eval-corpus wiki-vital pydoc \
+        --eval-tokens 4096 --out benchmarks/results/e2e_comparison
 
-and on a held-back corpus for the check (train on wiki-vital, evaluate elsewhere):
+Each --eval-corpus gets its own table in out/eval-<corpus>/: the training corpus means its eval
+split, and pydoc (Python's help topics, never trained on) is the held-back corpus for the check.
 
-    python benchmarks/e2e_comparison.py --tokens 200000 --seeds 0 1 --ks 16 32 64 128 \
-        --e2e-ks 32 --lr 1e-3 --eval-corpus pydoc --out benchmarks/results/e2e_comparison
-
-(rerunning with the same --out reuses every finished run, and a killed run resumes from its last
-checkpoint; only the evaluation is redone).
+(rerunning with the same --out reuses every finished run and every finished evaluation, cached in
+out/eval-cache, and a killed run resumes from its last checkpoint).
 
 A smoke run on a tiny random model folder (the unit tests' tiny Llama, saved with save_pretrained):
 
     python benchmarks/e2e_comparison.py --model /tmp/tiny --corpus /tmp/docs.txt --tokens 1024 \
-        --batch-size 128 --ctx-len 32 --ks 2 4 --seeds 0 --eval-tokens 256 --out /tmp/e2e-smoke
+        --hookpoint model.layers.1 --batch-size 128 --ctx-len 32 --ks 2 4 --seeds 0 --eval-tokens 256 \
+        --out /tmp/e2e-smoke
 
 Steps, per seed: local coders for every k from one pass over cached activations; for each of
 e2e, e2e+ds and local + KL fine-tune (the last --finetune-frac of the steps) one run per k
 (coders writing the same hookpoint cannot share a spliced run); then every coder is evaluated on
-the eval split (CE with the coder spliced in minus clean CE, KL, L0, alive features) and its
+each eval corpus in one pass (CE with the coder spliced in minus clean CE, KL, L0, alive features) and its
 downstream error measured: at each block after the hookpoint, ||h(spliced) - h(clean)||^2 /
 E||h(clean)||^2 (train/e2e.relative_error). Writes e2e_comparison.json, .md (table) and _pareto.png.
 tokens_per_s is training tokens per second per coder (local: the one pass, cache building included,
@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -59,31 +60,35 @@ from monosemantic.models import load_model
 from monosemantic.train import CoderSpec, TrainConfig
 from monosemantic.train.e2e import LossConfig, downstream_layers, relative_error
 from monosemantic.train.pipeline import train_on_corpus
+from monosemantic.utils import atomic_write_json
 
-METHODS = {"local": LossConfig("local"), "e2e": LossConfig("e2e"),
-           "e2e+ds": LossConfig("e2e+ds"), "local+kl": None}  # local+kl: --finetune-frac
+METHODS = {"local": LossConfig("local"), "e2e": LossConfig("e2e"), "local+kl": None,  # --finetune-frac
+           "e2e+ds": LossConfig("e2e+ds")}
 
 
 @torch.no_grad()
-def downstream_error(lm, coder: SparseCoder, docs: list[str], n_tokens: int, ctx_len: int,
-                     batch: int, exclude: list[int]) -> dict[str, float]:
-    """Mean relative squared error at each block after the coder's hookpoint, coder spliced in."""
-    layers = downstream_layers(lm.model, [coder.cfg.hookpoint])
-    sums, seen = dict.fromkeys(layers, 0.0), 0
-    n_batches = 0
+def downstream_error(lm, coders: dict[str, SparseCoder], docs: list[str], n_tokens: int,
+                     ctx_len: int, batch: int, exclude: list[int]) -> dict[str, dict[str, float]]:
+    """Per coder, the mean relative squared error at each block after its hookpoint with it spliced
+    in; the clean forward is shared by all coders."""
+    layers = {n: downstream_layers(lm.model, [c.cfg.hookpoint]) for n, c in coders.items()}
+    every = sorted({name for ls in layers.values() for name in ls})
+    sums = {n: dict.fromkeys(ls, 0.0) for n, ls in layers.items()}
+    seen = n_batches = 0
     for _, tokens in batched_contexts(lm.tokenizer, docs, ctx_len, lm.bos_token_id, batch):
         mask = keep_mask(tokens, exclude)
-        with capture(lm.model, layers) as clean:
+        with capture(lm.model, every) as clean:
             lm.model(input_ids=tokens, use_cache=False)
-        with patch(lm.model, _splice(coder, mask, {}, "coder")), capture(lm.model, layers) as spl:
-            lm.model(input_ids=tokens, use_cache=False)
-        for name in layers:
-            sums[name] += float(relative_error(spl[name], clean[name], mask))
+        for n, coder in coders.items():
+            with patch(lm.model, _splice(coder, mask, {}, "coder")), capture(lm.model, layers[n]) as spl:
+                lm.model(input_ids=tokens, use_cache=False)
+            for name in layers[n]:
+                sums[n][name] += float(relative_error(spl[name], clean[name], mask))
         n_batches += 1
         seen += int(mask.sum())
         if seen >= n_tokens:
             break
-    return {k: v / max(1, n_batches) for k, v in sums.items()}
+    return {n: {k: v / max(1, n_batches) for k, v in d.items()} for n, d in sums.items()}
 
 
 def l0_at_ce(points: list[tuple[float, float]], target: float) -> float:
@@ -101,37 +106,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--corpus", default="wiki-vital")
-    p.add_argument("--eval-corpus", default="", help="held-back corpus (default: --corpus's eval split)")
+    p.add_argument("--eval-corpus", nargs="+", default=[],
+                   help="corpora to evaluate on, each with its own table (the training corpus means "
+                        "its eval split, any other its whole text; default: the training corpus)")
     p.add_argument("--hookpoint", default="model.layers.15")
     p.add_argument("--tokens", type=int, default=200_000)
     p.add_argument("--batch-size", type=int, default=2048, help="tokens per step (whole contexts)")
     p.add_argument("--ctx-len", type=int, default=256)
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64],
-                   help="k of the local coders (one pass trains them all)")
+                   help="k of the local coders (one cheap pass trains them all)")
     p.add_argument("--e2e-ks", type=int, nargs="+", default=[],
-                   help="k of the e2e, e2e+ds and local+kl runs, one run each (default: --ks); with "
-                        "one k, each is compared with the local curve at its own CE increase")
+                   help="k of the e2e, e2e+ds and local+kl runs (one run each; default: --ks)")
     p.add_argument("--lr", type=float, default=0.0,
-                   help="learning rate of every run (0 = the automatic 2e-4 / sqrt(F / 2^14), "
-                        "tuned for runs of millions of tokens: a few hundred steps want several "
-                        "times more, see BENCHMARKS.md's LR sweep)")
+                   help="LR for every run (0: the automatic LR, which is tuned for millions of tokens)")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--finetune-frac", type=float, default=0.1)
     p.add_argument("--ds-coef", type=float, default=1.0)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--match-ce", type=float, default=0.0,
-                   help="CE increase at which to compare L0 (0 = local's CE at its middle k)")
+                   help="CE increase at which to compare L0s (default: the median local CE increase)")
     p.add_argument("--out", default="benchmarks/results/e2e_comparison")
     args = p.parse_args()
     out = Path(args.out)
     lm = load_model(args.model)
     exclude = special_token_ids(lm.tokenizer)
-    eval_docs = load_corpus(args.eval_corpus or args.corpus, "eval" if not args.eval_corpus else "all").documents
-    rows = []
+    eval_names = args.eval_corpus or [args.corpus]
+    eval_docs = {}
+    rows = {name: [] for name in eval_names}
     for seed in args.seeds:
         base = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, expansion=args.expansion,
                            seed=seed, lr=args.lr, checkpoint_every=20)
+        trained = []  # (method, folder, spec, coder, seconds per coder, tokens/s)
         for method, loss in METHODS.items():
             if loss is None:
                 loss = LossConfig("local", kl_finetune_frac=args.finetune_frac)
@@ -150,25 +156,53 @@ def main() -> None:
                 if not timing.exists():  # the first time: this run was trained now
                     timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
                 secs = json.loads(timing.read_text())["seconds"]
-                for s in specs:
-                    info = json.loads((folder / s.name / "training.json").read_text())
-                    limit = info["outlier_multiple"] * info["median_norm"]
-                    r = evaluate_coders(lm, {s.name: coders[s.name]}, eval_docs, args.eval_tokens,
-                                        args.ctx_len, 8, exclude, {s.name: limit}, progress=False)[s.name]
-                    ds = downstream_error(lm, coders[s.name], eval_docs, args.eval_tokens,
-                                          args.ctx_len, 8, exclude)
-                    rows.append({"method": method, "seed": seed, "k": s.config.k, "l0": r.recon.l0,
-                                 "ce_increase": r.ce_increase, "kl": r.kl, "fvu": r.recon.fvu,
-                                 "alive": 1 - r.recon.dead_fraction,
-                                 "downstream_mean": sum(ds.values()) / max(1, len(ds)),
-                                 "downstream": ds, "train_s": secs / len(specs),
-                                 "tokens_per_s": args.tokens * (len(specs) if method == "local" else 1) / secs
-                                 if secs > 0 else math.nan})
-                    print(format_table([{k: v for k, v in rows[-1].items() if k != "downstream"}]))
-    write(rows, args, out)
+                tps = args.tokens * (len(specs) if method == "local" else 1) / secs if secs > 0 else math.nan
+                trained += [(method, folder, s, coders[s.name], secs / len(specs), tps) for s in specs]
+        for name in eval_names:
+            rows[name] += evaluate_seed(lm, trained, seed, name, eval_docs, args, exclude)
+    for name in eval_names:
+        write(rows[name], args, out if len(eval_names) == 1 else out / f"eval-{slug(name)}", name)
 
 
-def write(rows: list[dict], args, out: Path) -> None:
+def slug(corpus: str) -> str:
+    """A file-name-safe form of a corpus name or path."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(corpus).name if "/" in corpus else corpus)
+
+
+def evaluate_seed(lm, trained, seed: int, corpus: str, eval_docs: dict, args, exclude) -> list[dict]:
+    """Rows for one seed's coders on one eval corpus: all coders in one pass (the clean and
+    zero-ablated forwards shared), cached per corpus and token count in out/eval-cache."""
+    cache = Path(args.out) / "eval-cache" / f"{slug(corpus)}-{args.eval_tokens}-s{seed}.json"
+    keys = [f"{m}/{s.name}" for m, _, s, *_ in trained]
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if sorted(cached) == sorted(keys):
+            print(f"evaluation of seed {seed} on {corpus} reused from {cache}")
+            return list(cached.values())
+    if corpus not in eval_docs:
+        eval_docs[corpus] = load_corpus(corpus, "eval" if corpus == args.corpus else "all").documents
+    docs = eval_docs[corpus]
+    coders, limits = {}, {}
+    for method, folder, spec, coder, *_ in trained:
+        info = json.loads((folder / spec.name / "training.json").read_text())
+        coders[f"{method}/{spec.name}"] = coder
+        limits[f"{method}/{spec.name}"] = info["outlier_multiple"] * info["median_norm"]
+    res = evaluate_coders(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude, limits)
+    ds = downstream_error(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude)
+    out = {}
+    for (method, _, spec, _, secs, tps), key in zip(trained, keys):
+        r = res[key]
+        out[key] = {"method": method, "seed": seed, "k": spec.config.k, "l0": r.recon.l0,
+                    "ce_increase": r.ce_increase, "kl": r.kl, "fvu": r.recon.fvu,
+                    "alive": 1 - r.recon.dead_fraction,
+                    "downstream_mean": sum(ds[key].values()) / max(1, len(ds[key])),
+                    "downstream": ds[key], "train_s": secs, "tokens_per_s": tps}
+    print(format_table([{k: v for k, v in r.items() if k != "downstream"} for r in out.values()]))
+    atomic_write_json(cache, out)
+    return list(out.values())
+
+
+def write(rows: list[dict], args, out: Path, corpus: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,11 +220,11 @@ def write(rows: list[dict], args, out: Path) -> None:
         r["local_l0_at_same_ce"] = l0_at_ce(pts, r["ce_increase"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_comparison.json").write_text(json.dumps(
-        {"args": vars(args), "match_ce": target, "l0_at_match": matched, "rows": rows}, indent=1))
+        {"args": vars(args), "eval_corpus": corpus, "match_ce": target, "l0_at_match": matched, "rows": rows}, indent=1))
     cols = ["method", "seed", "k", "l0", "ce_increase", "local_l0_at_same_ce", "kl", "fvu", "alive",
             "downstream_mean", "tokens_per_s"]
     table = format_table([{c: r[c] for c in cols} for r in rows], cols)
-    lines = ["```", table, "```", "", f"L0 at CE increase {target:.4f} nats (interpolated in log L0):", ""]
+    lines = [f"Evaluated on {corpus}.", "", "```", table, "```", "", f"L0 at CE increase {target:.4f} nats (interpolated in log L0):", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in matched.items()]
     (out / "e2e_comparison.md").write_text("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -208,7 +242,7 @@ def write(rows: list[dict], args, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "e2e_comparison_pareto.png", dpi=120)
     print(table)
-    print("\n".join(lines[4:]))
+    print("\n".join(lines[6:]))
 
 
 if __name__ == "__main__":
