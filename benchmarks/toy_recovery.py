@@ -31,7 +31,8 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
 
     torch.set_num_threads(1)
     from monosemantic.cli import TOY_COEF, ToyArgs
-    from monosemantic.toy import ToyConfig
+    from monosemantic.toy import ToyConfig, ToyData
+    from monosemantic.toy.recovery import octile_means
     from monosemantic.train.toy_run import train_toy
 
     toy = ToyConfig(d=256, n_features=512, mean_active=mean_active)
@@ -46,7 +47,14 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
     return {"activation": act, "dict / N": ratio, "seed": seed, "mmcs": r.recovery.mmcs,
             "recovered >0.9": r.recovery.frac_recovered, "dead %": 100 * r.dead_fraction,
             "fvu": r.fvu, "l0": r.l0, "seconds": time.time() - t0,
-            "coef": cfg.coef, "k": cfg.k if act in ("topk", "batchtopk") else None, "lr": cfg.lr}
+            "coef": cfg.coef, "k": cfg.k if act in ("topk", "batchtopk") else None, "lr": cfg.lr,
+            # per eighth of the true features, commonest first: mean best cosine, count below 0.9,
+            # and the mean eval density of the best-matching latents
+            "octile_mmcs": octile_means(torch.tensor(r.best_cosine)),
+            "octile_missed": [int((c < 0.9).sum()) for c in
+                              torch.tensor_split(torch.tensor(r.best_cosine), 8)],
+            "octile_matched_density": octile_means(torch.tensor(r.matched_density)),
+            "true_density": octile_means(ToyData(toy).probs)}
 
 
 def main() -> None:

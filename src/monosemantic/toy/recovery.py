@@ -41,6 +41,17 @@ def mmcs(learned: torch.Tensor, true: torch.Tensor) -> MMCS:
     return MMCS(cos.max(0).values.mean().item(), cos.max(1).values.mean().item())
 
 
+def best_cosines(learned: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """[N]: for each true feature, its best cosine with any learned direction."""
+    return _cosines(learned, true).max(0).values
+
+
+def octile_means(values: torch.Tensor, parts: int = 8) -> list[float]:
+    """Means of `values` over `parts` equal consecutive slices (true features are ordered by
+    firing probability, commonest first, so slice 0 is the commonest eighth)."""
+    return [float(c.mean()) for c in torch.tensor_split(values.float(), parts)]
+
+
 def fraction_recovered(learned: torch.Tensor, true: torch.Tensor, threshold: float = 0.9) -> float:
     """Fraction of true features whose best cosine with a learned direction is >= threshold."""
     return (_cosines(learned, true).max(0).values >= threshold).float().mean().item()

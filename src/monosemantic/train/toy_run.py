@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..metrics import feature_density
@@ -29,6 +30,10 @@ class ToyResult:
     fvu: float
     l0: float
     dead_fraction: float
+    best_cosine: list[float] = dataclasses.field(default_factory=list)
+    """Per true feature (commonest first), its best cosine with a learned direction."""
+    matched_density: list[float] = dataclasses.field(default_factory=list)
+    """Per true feature, the firing density on the eval samples of its best-matching latent."""
 
 
 def toy_batches(data: ToyData, batch_size: int, seed: int):
@@ -54,5 +59,8 @@ def train_toy(toy: ToyConfig, config: TrainConfig, out: str | Path, progress: bo
     density = feature_density(out_.acts)
     fvu = float((x - out_.out).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     rec = toy_recovery(coder.W_dec.detach(), data.features, density)
+    cos = F.normalize(coder.W_dec.detach(), dim=-1) @ F.normalize(data.features, dim=-1).T
+    best = cos.max(0)
     return ToyResult(rec, fvu, float((out_.acts > 0).sum(-1).float().mean()),
-                     float((density == 0).float().mean()))
+                     float((density == 0).float().mean()), best.values.tolist(),
+                     density[best.indices].tolist())
