@@ -98,7 +98,11 @@ def _replace_first(value, new: Tensor):
 def _register(model: nn.Module, hookpoint: str, fn: Callable[[Tensor], Tensor | None]):
     """Register `fn` on a hookpoint. `fn(tensor)` may return a replacement tensor."""
     hp = Hookpoint.parse(hookpoint)
-    module = model.get_submodule(hp.module)
+    try:
+        module = model.get_submodule(hp.module)
+    except AttributeError:
+        resolve_hookpoints(model, hookpoint)  # raises, naming the close matches
+        raise
     if hp.side == "output":
         def out_hook(mod, args, output):
             new = fn(_first_tensor(output))

@@ -84,7 +84,7 @@ def test_hooks_removed_even_when_the_block_raises(llama):
 
 
 def test_hooks_removed_when_registration_fails_half_way(llama):
-    with pytest.raises(AttributeError):
+    with pytest.raises(ValueError, match="model.nope"):
         with patch(llama.model, {"model.layers.0": torch.zeros_like, "model.nope": torch.zeros_like}):
             pass
     assert n_hooks(llama.model) == 0
@@ -96,6 +96,9 @@ def test_unknown_hookpoint_lists_close_matches(llama):
     assert "Close matches" in str(err.value)
     with pytest.raises(ValueError, match="after ':'"):
         resolve_hookpoints(llama.model, "model.layers.1:inptu")
+    with pytest.raises(ValueError, match=r"'model\.layers\.15' matches no module"):  # hooked directly
+        with capture(llama.model, ["model.layers.15"]):
+            pass
 
 
 def test_globs_expand_in_module_order_without_repeats(llama):
