@@ -7,6 +7,7 @@ import torch
 
 from monosemantic.toy import (ToyConfig, ToyData, firing_probabilities, fraction_recovered, mmcs,
                               toy_recovery)
+from monosemantic.toy.recovery import best_cosines, octile_means
 
 
 def test_mmcs_by_hand_in_two_dimensions():
@@ -23,6 +24,12 @@ def test_mmcs_by_hand_in_two_dimensions():
     assert rec.mmcs == pytest.approx((1 + s) / 2) and rec.frac_recovered == 0.5
     assert rec.n_dead == 2 and rec.n_learned == 3
     assert toy_recovery(learned, true).n_dead is None
+    assert best_cosines(learned, true).tolist() == pytest.approx([1.0, s])
+
+
+def test_octile_means_average_consecutive_slices():
+    assert octile_means(torch.arange(16.0)) == [0.5, 2.5, 4.5, 6.5, 8.5, 10.5, 12.5, 14.5]
+    assert octile_means(torch.tensor([1.0, 3.0, 5.0]), parts=2) == [2.0, 5.0]
 
 
 def test_recovery_of_the_true_features_is_perfect_and_sign_matters():

@@ -36,3 +36,7 @@ def test_toy_run_recovers_the_true_features(tmp_path, kw, mmcs_min):
     # sparse codes near the true count (3), not a dense reconstruction that happens to align
     assert 1.5 <= r.l0 <= 6.0
     assert r.fvu < 0.2
+    # per true feature: its best cosine (their mean is the MMCS) and its latent's density
+    assert len(r.best_cosine) == len(r.matched_density) == TOY.n_features
+    assert sum(r.best_cosine) / TOY.n_features == pytest.approx(r.recovery.mmcs, abs=1e-5)
+    assert all(0 <= d <= 1 for d in r.matched_density)
