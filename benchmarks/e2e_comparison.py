@@ -121,6 +121,9 @@ def main() -> None:
                    help="LR for every run (0: the automatic LR, which is tuned for millions of tokens)")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help="which methods to train and evaluate (default: all; local is needed for the "
+                        "matched-L0 columns)")
     p.add_argument("--finetune-frac", type=float, default=0.1)
     p.add_argument("--ds-coef", type=float, default=1.0)
     p.add_argument("--eval-tokens", type=int, default=8192)
@@ -139,6 +142,8 @@ def main() -> None:
                            seed=seed, lr=args.lr, checkpoint_every=20)
         trained = []  # (method, folder, spec, coder, seconds per coder, tokens/s)
         for method, loss in METHODS.items():
+            if method not in args.methods:
+                continue
             if loss is None:
                 loss = LossConfig("local", kl_finetune_frac=args.finetune_frac)
             if method == "e2e+ds":
@@ -170,36 +175,38 @@ def slug(corpus: str) -> str:
 
 
 def evaluate_seed(lm, trained, seed: int, corpus: str, eval_docs: dict, args, exclude) -> list[dict]:
-    """Rows for one seed's coders on one eval corpus: all coders in one pass (the clean and
-    zero-ablated forwards shared), cached per corpus and token count in out/eval-cache."""
+    """Rows for one seed's coders on one eval corpus. Every coder not yet in the cache
+    (out/eval-cache, per corpus, token count and seed) is evaluated in one pass, the clean and
+    zero-ablated forwards shared."""
     cache = Path(args.out) / "eval-cache" / f"{slug(corpus)}-{args.eval_tokens}-s{seed}.json"
     keys = [f"{m}/{s.name}" for m, _, s, *_ in trained]
-    if cache.exists():
-        cached = json.loads(cache.read_text())
-        if sorted(cached) == sorted(keys):
-            print(f"evaluation of seed {seed} on {corpus} reused from {cache}")
-            return list(cached.values())
-    if corpus not in eval_docs:
-        eval_docs[corpus] = load_corpus(corpus, "eval" if corpus == args.corpus else "all").documents
-    docs = eval_docs[corpus]
-    coders, limits = {}, {}
-    for method, folder, spec, coder, *_ in trained:
-        info = json.loads((folder / spec.name / "training.json").read_text())
-        coders[f"{method}/{spec.name}"] = coder
-        limits[f"{method}/{spec.name}"] = info["outlier_multiple"] * info["median_norm"]
-    res = evaluate_coders(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude, limits)
-    ds = downstream_error(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude)
-    out = {}
-    for (method, _, spec, _, secs, tps), key in zip(trained, keys):
-        r = res[key]
-        out[key] = {"method": method, "seed": seed, "k": spec.config.k, "l0": r.recon.l0,
-                    "ce_increase": r.ce_increase, "kl": r.kl, "fvu": r.recon.fvu,
-                    "alive": 1 - r.recon.dead_fraction,
-                    "downstream_mean": sum(ds[key].values()) / max(1, len(ds[key])),
-                    "downstream": ds[key], "train_s": secs, "tokens_per_s": tps}
-    print(format_table([{k: v for k, v in r.items() if k != "downstream"} for r in out.values()]))
-    atomic_write_json(cache, out)
-    return list(out.values())
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [t for t, key in zip(trained, keys) if key not in done]
+    if todo:
+        if corpus not in eval_docs:
+            eval_docs[corpus] = load_corpus(corpus, "eval" if corpus == args.corpus else "all").documents
+        docs = eval_docs[corpus]
+        coders, limits = {}, {}
+        for method, folder, spec, coder, *_ in todo:
+            info = json.loads((folder / spec.name / "training.json").read_text())
+            coders[f"{method}/{spec.name}"] = coder
+            limits[f"{method}/{spec.name}"] = info["outlier_multiple"] * info["median_norm"]
+        res = evaluate_coders(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude, limits)
+        ds = downstream_error(lm, coders, docs, args.eval_tokens, args.ctx_len, 8, exclude)
+        for method, _, spec, _, secs, tps in todo:
+            key = f"{method}/{spec.name}"
+            r = res[key]
+            done[key] = {"method": method, "seed": seed, "k": spec.config.k, "l0": r.recon.l0,
+                         "ce_increase": r.ce_increase, "kl": r.kl, "fvu": r.recon.fvu,
+                         "alive": 1 - r.recon.dead_fraction,
+                         "downstream_mean": sum(ds[key].values()) / max(1, len(ds[key])),
+                         "downstream": ds[key], "train_s": secs, "tokens_per_s": tps}
+        atomic_write_json(cache, done)
+    else:
+        print(f"evaluation of seed {seed} on {corpus} reused from {cache}")
+    rows = [done[key] for key in keys]
+    print(format_table([{k: v for k, v in r.items() if k != "downstream"} for r in rows]))
+    return rows
 
 
 def write(rows: list[dict], args, out: Path, corpus: str) -> None:
@@ -211,7 +218,7 @@ def write(rows: list[dict], args, out: Path, corpus: str) -> None:
     local = sorted(r["ce_increase"] for r in rows if r["method"] == "local")
     target = args.match_ce or (local[len(local) // 2] if local else math.nan)
     matched = {}
-    for method in METHODS:
+    for method in [m for m in METHODS if m in args.methods]:
         for seed in args.seeds:
             pts = [(r["l0"], r["ce_increase"]) for r in rows if r["method"] == method and r["seed"] == seed]
             matched[f"{method}-s{seed}"] = l0_at_ce(pts, target)
