@@ -221,15 +221,17 @@ def write(rows: list[dict], args, out: Path, corpus: str) -> None:
     for method in [m for m in METHODS if m in args.methods]:
         for seed in args.seeds:
             pts = [(r["l0"], r["ce_increase"]) for r in rows if r["method"] == method and r["seed"] == seed]
-            matched[f"{method}-s{seed}"] = l0_at_ce(pts, target)
+            if len(pts) > 1:  # a curve to interpolate (one k per method gives one point)
+                matched[f"{method}-s{seed}"] = l0_at_ce(pts, target)
     for r in rows:  # the L0 local needs for this run's CE increase, and the ratio
         pts = [(q["l0"], q["ce_increase"]) for q in rows if q["method"] == "local" and q["seed"] == r["seed"]]
         r["local_l0_at_same_ce"] = l0_at_ce(pts, r["ce_increase"])
+        r["local_l0_ratio"] = r["local_l0_at_same_ce"] / r["l0"]  # > 1: local needs more L0
     out.mkdir(parents=True, exist_ok=True)
     (out / "e2e_comparison.json").write_text(json.dumps(
         {"args": vars(args), "eval_corpus": corpus, "match_ce": target, "l0_at_match": matched, "rows": rows}, indent=1))
-    cols = ["method", "seed", "k", "l0", "ce_increase", "local_l0_at_same_ce", "kl", "fvu", "alive",
-            "downstream_mean", "tokens_per_s"]
+    cols = ["method", "seed", "k", "l0", "ce_increase", "local_l0_at_same_ce", "local_l0_ratio", "kl",
+            "fvu", "alive", "downstream_mean", "tokens_per_s"]
     table = format_table([{c: r[c] for c in cols} for r in rows], cols)
     lines = [f"Evaluated on {corpus}.", "", "```", table, "```", "", f"L0 at CE increase {target:.4f} nats (interpolated in log L0):", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in matched.items()]
