@@ -41,9 +41,15 @@ def mmcs(learned: torch.Tensor, true: torch.Tensor) -> MMCS:
     return MMCS(cos.max(0).values.mean().item(), cos.max(1).values.mean().item())
 
 
+def best_matches(learned: torch.Tensor, true: torch.Tensor):
+    """For each true feature, its best cosine with any learned direction and that direction's
+    index: a (values [N], indices [N]) pair."""
+    return _cosines(learned, true).max(0)
+
+
 def best_cosines(learned: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
     """[N]: for each true feature, its best cosine with any learned direction."""
-    return _cosines(learned, true).max(0).values
+    return best_matches(learned, true).values
 
 
 def octile_means(values: torch.Tensor, parts: int = 8) -> list[float]:

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..metrics import feature_density
 from ..toy import ToyConfig, ToyData, toy_recovery
-from ..toy.recovery import ToyRecovery
+from ..toy.recovery import ToyRecovery, best_matches
 from .config import TrainConfig
 from .loop import CoderSpec, Trainer
 
@@ -59,8 +58,7 @@ def train_toy(toy: ToyConfig, config: TrainConfig, out: str | Path, progress: bo
     density = feature_density(out_.acts)
     fvu = float((x - out_.out).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     rec = toy_recovery(coder.W_dec.detach(), data.features, density)
-    cos = F.normalize(coder.W_dec.detach(), dim=-1) @ F.normalize(data.features, dim=-1).T
-    best = cos.max(0)
+    best = best_matches(coder.W_dec, data.features)
     return ToyResult(rec, fvu, float((out_.acts > 0).sum(-1).float().mean()),
                      float((density == 0).float().mean()), best.values.tolist(),
                      density[best.indices].tolist())
