@@ -28,7 +28,7 @@ e2e, e2e+ds and local + KL fine-tune (the last --finetune-frac of the steps) one
 (coders writing the same hookpoint cannot share a spliced run); then every coder is evaluated on
 each eval corpus in one pass (CE with the coder spliced in minus clean CE, KL, L0, alive features) and its
 downstream error measured: at each block after the hookpoint, ||h(spliced) - h(clean)||^2 /
-E||h(clean)||^2 (train/e2e.relative_error). Writes e2e_comparison.json, .md (table) and _pareto.png.
+E||h(clean)||^2 (train/e2e.relative_error). Writes e2e_comparison.json, .md (table) and _pareto.png in out/eval-<corpus>/ for each eval corpus.
 tokens_per_s is training tokens per second per coder (local: the one pass, cache building included,
 shared among its coders), measured when the run was trained (timing.json in its folder).
 
@@ -166,7 +166,7 @@ def main() -> None:
         for name in eval_names:
             rows[name] += evaluate_seed(lm, trained, seed, name, eval_docs, args, exclude)
     for name in eval_names:
-        write(rows[name], args, out if len(eval_names) == 1 else out / f"eval-{slug(name)}", name)
+        write(rows[name], args, out / f"eval-{slug(name)}", name)
 
 
 def slug(corpus: str) -> str:
