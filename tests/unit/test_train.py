@@ -82,6 +82,22 @@ def test_saved_coder_maps_raw_inputs_and_learns(tmp_path):
     assert info["steps"] == 24 and info["normalization"]["in_scale"] > 0
 
 
+def test_input_norm_sets_the_training_scale_and_is_folded_away(tmp_path):
+    first = next(_batches()(0))[HOOKPOINT]
+    mean_sq = float(first.pow(2).sum(1).mean())
+    x = ToyData(TOY).sample(512, torch.Generator().manual_seed(5)).x
+    for norm, want in ((0.0, TOY.d), (1.0, 1.0)):
+        cfg = TrainConfig(k=3, input_norm=norm, **BASE)
+        coder = _trainer(tmp_path / f"n{norm}", [CoderSpec("c", HOOKPOINT, cfg)]).fit(_batches(), progress=False)["c"]
+        scale = json.loads((tmp_path / f"n{norm}" / "c" / "training.json").read_text())["normalization"]["in_scale"]
+        assert scale ** 2 * mean_sq == pytest.approx(want, rel=1e-5)  # E||x||^2 of the first batch
+        with torch.no_grad():
+            fvu = float((x - coder(x).out).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        assert fvu < 0.5  # the scale is folded into the weights: raw inputs in, raw outputs out
+    with pytest.raises(ValueError, match="input_norm=-1"):
+        TrainConfig(k=3, input_norm=-1.0, **BASE)
+
+
 def test_output_folder_holding_another_run_is_refused(tmp_path):
     _trainer(tmp_path, [CoderSpec("c", HOOKPOINT, TrainConfig(k=3, **BASE))])
     with pytest.raises(ValueError, match="holds a different run.*config.k: was 3, now 4"):

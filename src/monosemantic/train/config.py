@@ -86,6 +86,11 @@ class TrainConfig:
     """Initial decoder bias: geometric_median, mean or zero."""
     normalize: bool = True
     """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights)."""
+    input_norm: float = 0.0
+    """With normalize: scale inputs so that sqrt(E||x||^2) = this instead; 0 = sqrt(D). The
+    coefficient, bandwidth and threshold defaults above are quoted for sqrt(D). Under Adam every
+    parameter moves about lr per step, so this sets how fast the biases move relative to their
+    size (dictionary-learning trains at 1)."""
     outlier_multiple: float = 10.0
     """Outlier tokens: norm above this multiple of the median norm of the first batch (0 = no
     rule). They are counted during training and reported at evaluation (the metrics table's FVU
@@ -134,6 +139,8 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.lr < 0:
             raise ValueError(f"lr={self.lr} must be >= 0 (0 = automatic)")
+        if self.input_norm < 0:
+            raise ValueError(f"input_norm={self.input_norm} must be >= 0 (0 = sqrt(input width))")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
         if self.n_features < 0 or self.expansion < 1:

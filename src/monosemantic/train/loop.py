@@ -183,9 +183,10 @@ class Trainer:
             if keep is not None:
                 x, y = x[keep], y[keep]
             if c.normalize:
-                st.scale_in = math.sqrt(x.shape[1] / float(x.pow(2).sum(1).mean()))
+                st.scale_in = math.sqrt((c.input_norm ** 2 or x.shape[1]) / float(x.pow(2).sum(1).mean()))
                 st.scale_out = (st.scale_in if c.kind == "sae"
-                                else math.sqrt(y.shape[1] / float(y.pow(2).sum(1).mean())))
+                                else math.sqrt((c.input_norm ** 2 or y.shape[1])
+                                               / float(y.pow(2).sum(1).mean())))
             initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
                        method=c.init, bias=c.bias_init, seed=c.seed)
 
