@@ -82,6 +82,19 @@ def test_metrics_equal_a_hand_computation(llama, documents):
     assert torch.allclose(clean[:, 0], spliced[:, 0])
 
 
+def test_coders_evaluated_together_equal_each_alone(llama, documents):
+    """The zero-ablation forward is shared by the coders writing to one hookpoint."""
+    coders = {"a": _random_sae(0), "b": _random_sae(1), "id": _identity()}
+    kw = dict(ctx_len=32, batch_size=4, exclude_ids=special_token_ids(llama.tokenizer), progress=False)
+    together = evaluate_coders(llama, coders, documents, 200, **kw)
+    for name, coder in coders.items():
+        alone = evaluate_coders(llama, {name: coder}, documents, 200, **kw)[name]
+        for key in ("ce_clean", "ce_spliced", "ce_zero", "kl", "kl_zero", "ce_loss_recovered", "n_tokens"):
+            assert getattr(together[name], key) == getattr(alone, key), (name, key)
+    assert together["a"].ce_spliced != together["b"].ce_spliced
+    assert together["a"].kl_zero > 0
+
+
 def test_refit_removes_shrinkage_and_folds_exactly():
     torch.manual_seed(0)
     d, f = 16, 32

@@ -6,7 +6,8 @@ For each batch of held-out contexts:
      (`metrics.ReconstructionStats`), outlier tokens (norm > outlier_multiple x the median norm
      recorded in training) flagged and also reported separately;
   3. per coder, a forward pass with the coder's output spliced in at its (output) hookpoint, and
-     one with that hookpoint zero-ablated, give CE loss and KL(clean || spliced).
+     per output hookpoint one with it zero-ablated (shared by the coders writing there), give CE
+     loss and KL(clean || spliced).
 Splicing rule: only kept positions are replaced (special tokens such as BOS, excluded from
 training because of their outlier norms, keep their clean activation), and the same positions
 are zeroed for the zero-ablation baseline. CE and KL count every position whose own token is kept.
@@ -110,6 +111,7 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
         with capture(model, needed) as acts:
             clean = model(input_ids=tokens, use_cache=False).logits
         ce_clean = next_token_ce(clean, tokens, mask)
+        zeroed = {}  # output hookpoint -> (CE, KL) of its zero ablation: one forward per hookpoint
         for name, coder in coders.items():
             hp_in, hp_out = _hookpoints(coder)
             x, y = acts[hp_in][mask], acts[hp_out][mask]
@@ -121,12 +123,16 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
             c["clean"] = c["clean"] + ce_clean
             if not spliced:
                 continue
-            for mode, key in (("coder", "spliced"), ("zero", "zero")):
-                with patch(model, _splice(coder, mask, {}, mode)):
+            with patch(model, _splice(coder, mask, {}, "coder")):
+                logits = model(input_ids=tokens, use_cache=False).logits
+            c["spliced"] = c["spliced"] + next_token_ce(logits, tokens, mask)
+            c["kl"] = c["kl"] + kl_divergence(clean, logits, mask)
+            if hp_out not in zeroed:  # the same for every coder writing there
+                with patch(model, _splice(coder, mask, {}, "zero")):
                     logits = model(input_ids=tokens, use_cache=False).logits
-                c[key] = c[key] + next_token_ce(logits, tokens, mask)
-                kl_key = "kl" if mode == "coder" else "kl_zero"
-                c[kl_key] = c[kl_key] + kl_divergence(clean, logits, mask)
+                zeroed[hp_out] = (next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask))
+            c["zero"] = c["zero"] + zeroed[hp_out][0]
+            c["kl_zero"] = c["kl_zero"] + zeroed[hp_out][1]
         kept = int(mask.sum())
         seen += kept
         bar.update(min(kept, max(0, n_tokens - bar.n)))
