@@ -15,7 +15,6 @@ are zeroed for the zero-ablation baseline. CE and KL count every position whose 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
