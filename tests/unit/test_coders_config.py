@@ -110,6 +110,19 @@ def test_initialize_sets_unit_decoder_centre_and_scale(method, kind):
     assert torch.equal(other.W_enc, coder.W_enc)  # seeded
 
 
+def test_initialize_without_calibration_leaves_unit_encoder_rows():
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0)) * 7.0
+    coder = build_coder(CoderConfig(d_in=8, n_features=32, activation="topk", k=4))
+    initialize(coder, x, method="transpose", seed=1, calibrate=False)
+    torch.testing.assert_close(coder.W_enc, coder.W_dec)  # dictionary-learning's tied init
+    torch.testing.assert_close(coder.W_enc.norm(dim=1), torch.ones(32))
+    assert torch.equal(coder.b_enc, torch.zeros(32))
+    calibrated = build_coder(coder.cfg)
+    initialize(calibrated, x, method="transpose", seed=1)
+    torch.testing.assert_close(calibrated.W_dec, coder.W_dec)  # same directions, other encoder scale
+    assert not torch.allclose(calibrated.W_enc.norm(dim=1), torch.ones(32))
+
+
 def test_initialize_needs_target_for_transcoders():
     coder = build_coder(CoderConfig(d_in=8, n_features=16, kind="transcoder", activation="relu"))
     with pytest.raises(ValueError, match="pass target="):

@@ -84,6 +84,9 @@ class TrainConfig:
     from activations) or random."""
     bias_init: str = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zero."""
+    calibrate_init: bool = True
+    """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
+    False leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init)."""
     normalize: bool = True
     """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights)."""
     input_norm: float = 0.0

@@ -188,7 +188,7 @@ class Trainer:
                                 else math.sqrt((c.input_norm ** 2 or y.shape[1])
                                                / float(y.pow(2).sum(1).mean())))
             initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
-                       method=c.init, bias=c.bias_init, seed=c.seed)
+                       method=c.init, bias=c.bias_init, seed=c.seed, calibrate=c.calibrate_init)
 
     # ---- the loop ----------------------------------------------------------------------------
 
