@@ -92,10 +92,11 @@ def main() -> None:
         train_s = time.perf_counter() - t0
         limits = {s.name: s.config.outlier_multiple * st.median_norm
                   for s, st in zip(specs, trainer.states)}
+        dropped = {s.name for s in specs if s.config.drop_outliers}
         if seed == args.seeds[0]:
             x = cache.read(args.hookpoint, 0, min(args.refit_tokens, len(cache)))
-            for name in list(coders):
-                kept = x[x.norm(dim=1) <= limits[name]]  # the tokens the trainer kept
+            for name in list(coders):  # fit on the tokens the trainer trained on
+                kept = x[x.norm(dim=1) <= limits[name]] if name in dropped else x
                 with torch.no_grad():
                     coders[f"{name}-refit"] = refit_magnitudes(coders[name], kept).coder
                 limits[f"{name}-refit"] = limits[name]
