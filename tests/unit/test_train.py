@@ -1,6 +1,7 @@
 """Trainer: exact resume, several coders from one pass, and bad input that loses nothing."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -96,6 +97,28 @@ def test_input_norm_sets_the_training_scale_and_is_folded_away(tmp_path):
         assert fvu < 0.5  # the scale is folded into the weights: raw inputs in, raw outputs out
     with pytest.raises(ValueError, match="input_norm=-1"):
         TrainConfig(k=3, input_norm=-1.0, **BASE)
+
+
+def test_scale_ignores_a_massive_token_in_the_first_batch(tmp_path):
+    """One outlier token must not set the normalisation (it would rescale every coefficient)."""
+    def with_outlier(start):
+        for i, b in enumerate(_batches()(start)):
+            if start + i == 0:
+                b = {HOOKPOINT: b[HOOKPOINT].clone()}
+                b[HOOKPOINT][7] *= 1000.0
+            yield b
+
+    scales = {}
+    for name, batches in (("clean", _batches()), ("outlier", with_outlier)):
+        cfg = TrainConfig(activation="relu", coef=0.3, **BASE)
+        _trainer(tmp_path / name, [CoderSpec("c", HOOKPOINT, cfg)]).fit(batches, progress=False)
+        info = json.loads((tmp_path / name / "c" / "training.json").read_text())
+        scales[name] = info["normalization"]["in_scale"]
+    first = next(_batches()(0))[HOOKPOINT]
+    typical = torch.cat([first[:7], first[8:]])
+    assert scales["outlier"] == pytest.approx(math.sqrt(TOY.d / float(typical.pow(2).sum(1).mean())), rel=1e-5)
+    assert scales["outlier"] == pytest.approx(scales["clean"], rel=0.02)
+    assert info["n_outliers"] >= 1  # counted and trained on
 
 
 def test_output_folder_holding_another_run_is_refused(tmp_path):

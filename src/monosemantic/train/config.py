@@ -88,7 +88,9 @@ class TrainConfig:
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
     False leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init)."""
     normalize: bool = True
-    """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights)."""
+    """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights),
+    the mean taken over the first batch's typical tokens (outliers, by outlier_multiple, left out
+    of the estimate even when trained on)."""
     input_norm: float = 0.0
     """With normalize: scale inputs so that sqrt(E||x||^2) = this instead; 0 = sqrt(D). The
     coefficient, bandwidth and threshold defaults above are quoted for sqrt(D). Under Adam every

@@ -183,10 +183,17 @@ class Trainer:
             if keep is not None:
                 x, y = x[keep], y[keep]
             if c.normalize:
-                st.scale_in = math.sqrt((c.input_norm ** 2 or x.shape[1]) / float(x.pow(2).sum(1).mean()))
+                # the scale comes from the typical tokens even when outliers are trained on: one
+                # massive-activation token in the first batch would otherwise shrink it ~3x, and with
+                # it every penalty coefficient's meaning (seen: L0 119 or 16 from one coef by seed)
+                typ = (slice(None) if c.outlier_multiple <= 0 or st.median_norm <= 0
+                       else norms <= c.outlier_multiple * st.median_norm)
+                xt, yt = self._xy(st, batch)
+                xt, yt = xt[typ], yt[typ]
+                st.scale_in = math.sqrt((c.input_norm ** 2 or xt.shape[1]) / float(xt.pow(2).sum(1).mean()))
                 st.scale_out = (st.scale_in if c.kind == "sae"
-                                else math.sqrt((c.input_norm ** 2 or y.shape[1])
-                                               / float(y.pow(2).sum(1).mean())))
+                                else math.sqrt((c.input_norm ** 2 or yt.shape[1])
+                                               / float(yt.pow(2).sum(1).mean())))
             initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
                        method=c.init, bias=c.bias_init, seed=c.seed, calibrate=c.calibrate_init)
 
