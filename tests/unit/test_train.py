@@ -132,6 +132,19 @@ def test_output_folder_holding_another_run_is_refused(tmp_path):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_run_written_before_a_config_field_existed_is_still_the_same_run(tmp_path):
+    whole = _trainer(tmp_path).fit(_batches(), progress=False)["c"]
+    run = json.loads((tmp_path / "run.json").read_text())
+    del run["coders"][0]["config"]["calibrate_init"]  # as written before the field was added
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    again = _trainer(tmp_path).fit(_batches(), progress=False)["c"]
+    assert torch.equal(again.W_dec, whole.W_dec)
+    run["coders"][0]["config"]["k"] = 4  # a real difference is still refused
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="config.k: was 4, now 3"):
+        _trainer(tmp_path)
+
+
 def test_resume_with_a_different_hookpoint_width_is_refused(tmp_path):
     _trainer(tmp_path, widths={HOOKPOINT: 16})
     with pytest.raises(ValueError, match="d_in: was 16, now 24"):

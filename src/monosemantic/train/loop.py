@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -147,7 +147,7 @@ class Trainer:
     def _claim_folder(self) -> None:
         path = self.out / "run.json"
         if path.exists():
-            theirs = read_json(path)
+            theirs = _with_new_defaults(read_json(path))
             if theirs != self.run:
                 diff = _diff(theirs, self.run)
                 raise ValueError(f"output folder {self.out} holds a different run ({diff}); choose "
@@ -410,6 +410,17 @@ def _check_finite(hookpoint: str, x: Tensor, step: int) -> None:
                          f"step {step}, batch row {row}, dim {dim}; training stopped before any "
                          "weight was updated with it (the last checkpoint is intact). Check the "
                          "model dtype (use float32) and the activation cache.")
+
+
+def _with_new_defaults(run: dict) -> dict:
+    """A run.json written before a TrainConfig field existed lacks it; that run trained with the
+    field's default (new fields default to the old behaviour), so fill it in before comparing."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    for coder in run.get("coders", []):
+        if isinstance(coder.get("config"), dict):
+            coder["config"] = {**{k: v for k, v in defaults.items() if k not in coder["config"]},
+                               **coder["config"]}
+    return run
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> str:
