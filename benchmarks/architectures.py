@@ -87,11 +87,18 @@ def main() -> None:
                                        batch_size=args.batch_size, lr=args.lr, seed=seed, **prm))
                  for a in args.archs for prm in GRID[a]]
         t0 = time.perf_counter()
-        trainer = Trainer(specs, cache.widths, out / f"seed{seed}", source={"model": lm.name, "corpus": args.corpus})
+        folder = out / f"seed{seed}"
+        trainer = Trainer(specs, cache.widths, folder, source={"model": lm.name, "corpus": args.corpus})
         coders = trainer.fit(lambda s: cache.batches(args.batch_size, seed=seed, start_step=s))
-        train_s = time.perf_counter() - t0
-        limits = {s.name: s.config.outlier_multiple * st.median_norm
-                  for s, st in zip(specs, trainer.states)}
+        timing = folder / "train_seconds.json"  # a run finished earlier keeps its training time
+        if not timing.exists():
+            timing.write_text(json.dumps({"seconds": time.perf_counter() - t0}))
+        train_s = json.loads(timing.read_text())["seconds"]
+        # the outlier rule each coder was trained with (its training.json; the trainer's own
+        # state is empty when it only loaded a finished run)
+        limits = {s.name: s.config.outlier_multiple
+                  * json.loads((folder / s.name / "training.json").read_text())["median_norm"]
+                  for s in specs}
         dropped = {s.name for s in specs if s.config.drop_outliers}
         if seed == args.seeds[0]:
             x = cache.read(args.hookpoint, 0, min(args.refit_tokens, len(cache)))
