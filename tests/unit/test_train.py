@@ -24,6 +24,17 @@ def _batches(seed=0):
     return toy_batches(ToyData(TOY), BASE["batch_size"], seed)
 
 
+def _with_huge_row(at_step, row, factor=1000.0):
+    """The toy batches with one row of one step's batch scaled up (a massive-activation token)."""
+    def from_step(start):
+        for i, b in enumerate(_batches()(start)):
+            if start + i == at_step:
+                b = {HOOKPOINT: b[HOOKPOINT].clone()}
+                b[HOOKPOINT][row] *= factor
+            yield b
+    return from_step
+
+
 class Interrupt(Exception):
     pass
 
@@ -101,13 +112,7 @@ def test_input_norm_sets_the_training_scale_and_is_folded_away(tmp_path):
 
 def test_scale_ignores_a_massive_token_in_the_first_batch(tmp_path):
     """One outlier token must not set the normalisation (it would rescale every coefficient)."""
-    def with_outlier(start):
-        for i, b in enumerate(_batches()(start)):
-            if start + i == 0:
-                b = {HOOKPOINT: b[HOOKPOINT].clone()}
-                b[HOOKPOINT][7] *= 1000.0
-            yield b
-
+    with_outlier = _with_huge_row(at_step=0, row=7)
     scales = {}
     for name, batches in (("clean", _batches()), ("outlier", with_outlier)):
         cfg = TrainConfig(activation="relu", coef=0.3, **BASE)
@@ -317,13 +322,7 @@ def test_a_spike_batch_moves_a_clipped_coder_less(tmp_path):
             norms.append(st.last.get("grad_norm"))
         tr._step = wrapped
 
-        def spiky(start):
-            for i, b in enumerate(_batches()(start)):
-                if start + i == 3:
-                    b = {HOOKPOINT: b[HOOKPOINT].clone()}
-                    b[HOOKPOINT][0] *= 1000.0
-                yield b
-        tr.fit(spiky, progress=False)
+        tr.fit(_with_huge_row(at_step=3, row=0), progress=False)
         return norms, tr.states[0].opt
     norms, opt = run(tmp_path / "clip", 1.0)
     assert len(norms) == 6 and norms[3] > 100 * max(norms[:3])  # the spike, measured before clipping
