@@ -179,6 +179,9 @@ class Trainer:
             x, y = self._xy(st, batch)
             norms = x.norm(dim=1)
             st.median_norm = float(norms.median())
+            typ = (slice(None) if c.outlier_multiple <= 0 or st.median_norm <= 0
+                   else norms <= c.outlier_multiple * st.median_norm)
+            xt, yt = x[typ], y[typ]
             keep = self._keep(st, x)[0]
             if keep is not None:
                 x, y = x[keep], y[keep]
@@ -186,10 +189,6 @@ class Trainer:
                 # the scale comes from the typical tokens even when outliers are trained on: one
                 # massive-activation token in the first batch would otherwise shrink it ~3x, and with
                 # it every penalty coefficient's meaning (seen: L0 119 or 16 from one coef by seed)
-                typ = (slice(None) if c.outlier_multiple <= 0 or st.median_norm <= 0
-                       else norms <= c.outlier_multiple * st.median_norm)
-                xt, yt = self._xy(st, batch)
-                xt, yt = xt[typ], yt[typ]
                 st.scale_in = math.sqrt((c.input_norm ** 2 or xt.shape[1]) / float(xt.pow(2).sum(1).mean()))
                 st.scale_out = (st.scale_in if c.kind == "sae"
                                 else math.sqrt((c.input_norm ** 2 or yt.shape[1])
