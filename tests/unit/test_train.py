@@ -236,20 +236,49 @@ def test_resampling_resets_every_per_feature_parameter(activation):
     # SAE: the encoder reads the residual direction the decoder writes
     cos = torch.nn.functional.cosine_similarity(coder.W_enc[idx], coder.W_dec[idx], dim=1)
     assert torch.allclose(cos, torch.ones(3), atol=1e-5)
-    assert coder.b_enc[idx].abs().max() == 0
+    if activation == "gated":  # the gate bias opens it only near its source, see the next test
+        assert coder.b_enc[idx].max() <= 0
+    else:
+        assert coder.b_enc[idx].abs().max() == 0
     for p in coder.per_feature_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt.state[p][key][idx].abs().max() == 0
             assert opt.state[p][key][~dead].abs().max() > 0
-    if activation == "jumprelu":
-        assert torch.allclose(coder.threshold[idx], coder.threshold[~dead].median().expand(3))
+    if activation == "jumprelu":  # the median live threshold at most
+        assert (coder.threshold[idx] <= coder.threshold[~dead].median()).all()
+        assert (coder.threshold[idx] > 0).all()
         assert any(p is coder.threshold for p in coder.per_feature_parameters())
     if activation == "gated":
         assert coder.r_mag[idx].abs().max() == 0
-        assert torch.equal(coder.b_mag[idx], coder.b_enc[idx])
+        assert coder.b_mag[idx].abs().max() == 0
     w = coder.W_enc.detach()
     enc_norm_ratio = w[idx].norm(dim=1).mean() / w[~dead].norm(dim=1).mean()
     assert float(enc_norm_ratio) == pytest.approx(1.0 if activation == "topk" else 0.2, rel=0.05)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "gated"])
+def test_a_resampled_feature_fires_on_the_input_it_was_drawn_for(activation):
+    """A resampled row is short (0.2 x the mean encoder norm): under the live features' threshold
+    (JumpReLU) or with a zero gate bias (gated) it would never fire, or fire on half of all inputs.
+    It must fire on its source input, and not on one a third as aligned with it."""
+    from monosemantic.coders import CoderConfig, build_coder
+
+    torch.manual_seed(0)
+    coder = build_coder(CoderConfig(d_in=8, n_features=16, activation=activation))
+    with torch.no_grad():
+        coder.b_dec.zero_()
+        if activation == "jumprelu":
+            coder.threshold.fill_(5.0)  # far above a short new row's pre-activation
+        idx = torch.tensor([2, 5, 11])
+        source = torch.randn(3, 8)
+        rows = 0.2 * source / source.norm(dim=1, keepdim=True)
+        coder.reset_features(idx, rows, rows / 0.2, source=source)
+        own = coder(source).acts[torch.arange(3), idx]
+        weak = coder(source / 3).acts[torch.arange(3), idx]
+    assert (own > 0).all()
+    assert (weak == 0).all()
+    if activation == "jumprelu":
+        assert (coder.threshold[idx] < 5.0).all()
 
 
 @pytest.mark.parametrize("activation,every,expected", [

@@ -263,16 +263,24 @@ class SparseCoder(nn.Module):
     # ---- re-initialising features (dead-feature resampling) ----------------------------------
 
     @torch.no_grad()
-    def reset_features(self, idx: Tensor, enc_rows: Tensor, dec_rows: Tensor) -> None:
+    def reset_features(self, idx: Tensor, enc_rows: Tensor, dec_rows: Tensor,
+                       source: Tensor | None = None) -> None:
         """Give features `idx` [n] new encoder rows [n, D_in] and decoder rows [n, D_out], a zero
-        encoder bias, and the architecture's fresh per-feature state (`_reset_feature_state`)."""
+        encoder bias, and the architecture's fresh per-feature state (`_reset_feature_state`).
+        `source` [n, D_in], when given, holds the input each new feature was drawn for: the
+        architecture may use the new feature's pre-activation on it (a JumpReLU threshold must sit
+        below it, or the feature can never fire and never learn)."""
         self.W_enc[idx] = enc_rows
         self.b_enc[idx] = 0.0
         self.W_dec[idx] = dec_rows
-        self._reset_feature_state(idx)
+        own = None
+        if source is not None:
+            own = self._pre_acts(source).gather(1, idx[:, None].to(source.device))[:, 0]
+        self._reset_feature_state(idx, own)
 
-    def _reset_feature_state(self, idx: Tensor) -> None:
-        """Hook: per-feature parameters beyond W_enc, b_enc, W_dec (thresholds, gates)."""
+    def _reset_feature_state(self, idx: Tensor, source_pre_acts: Tensor | None) -> None:
+        """Hook: per-feature parameters beyond W_enc, b_enc, W_dec (thresholds, gates).
+        `source_pre_acts` [n]: each new feature's pre-activation on the input it was drawn for."""
 
     def per_feature_parameters(self) -> list[nn.Parameter]:
         """Parameters whose first dimension is the feature (their rows belong to one feature each)."""

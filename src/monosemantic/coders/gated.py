@@ -77,9 +77,15 @@ class GatedCoder(SparseCoder):
         return (target - recon).pow(2).sum(-1).mean()
 
     @torch.no_grad()
-    def _reset_feature_state(self, idx: Tensor) -> None:
-        self.r_mag[idx] = 0.0  # magnitude path = gate path, as at initialisation
-        self.b_mag[idx] = self.b_enc[idx]
+    def _reset_feature_state(self, idx: Tensor, source_pre_acts: Tensor | None) -> None:
+        self.r_mag[idx] = 0.0  # pi_mag = h: the magnitude is the projection onto the new row
+        self.b_mag[idx] = 0.0
+        if source_pre_acts is not None:
+            # With a zero gate bias a resampled feature opens on every input on the positive side
+            # of its direction, about half of them, and the penalty closes it for good long before
+            # the rare input it was drawn for comes back. Open it only on inputs at least half as
+            # aligned as that one (JumpReLU's rule); the magnitude path keeps the full projection.
+            self.b_enc[idx] = -0.5 * source_pre_acts.clamp_min(0).to(self.b_enc)
 
     @torch.no_grad()
     def _set_encoder(self, W_enc: Tensor, b_enc: Tensor) -> None:

@@ -63,8 +63,8 @@ def resample_dead(coder, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, dead:
     Encoder rows get the mean alive encoder norm, times 0.2 for the penalty family (so a new
     feature does not fire everywhere at once, Bricken et al. 2023) and 1 for the top-k family (a
     new feature must win the selection to learn at all). Biases are 0; thresholds and gates are
-    reset by the architecture (`reset_features`); Adam moments of every per-feature parameter
-    are zeroed for those rows."""
+    reset by the architecture (`reset_features`, which is given each drawn input); Adam moments
+    of every per-feature parameter are zeroed for those rows."""
     idx = dead.nonzero(as_tuple=True)[0].to(coder.W_enc.device)
     if len(idx) == 0:
         return 0
@@ -85,7 +85,8 @@ def resample_dead(coder, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, dead:
     enc_norm = coder.W_enc[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
     dec_norm = coder.W_dec[alive].norm(dim=1).mean() if alive.any() else torch.tensor(1.0)
     enc_scale = 1.0 if coder.uses_k else 0.2
-    coder.reset_features(idx, direction_in * enc_scale * enc_norm, direction_out * dec_norm)
+    coder.reset_features(idx, direction_in * enc_scale * enc_norm, direction_out * dec_norm,
+                         source=x[pick])
     for p in coder.per_feature_parameters():
         state = opt.state.get(p, {})
         for key in ("exp_avg", "exp_avg_sq"):
