@@ -53,10 +53,12 @@ class TrainConfig:
     jumprelu_bandwidth: float = 0.05
     """JumpReLU: width of the straight-through kernel, in pre-activation units of the normalised
     inputs (CoderConfig.jumprelu_bandwidth)."""
-    jumprelu_init_threshold: float = 0.001
+    jumprelu_init_threshold: float = 0.5
     """JumpReLU: initial threshold of every feature, in the same units. Under Adam a threshold moves
     about lr per step, so it must start near its final scale (pre-activations of normalised inputs
-    are O(1-10)) or it cannot get there within the budget."""
+    are O(1-10); thresholds settle near sqrt(coef)) or it cannot get there within the budget: at
+    the automatic LR (2e-4 at 16k features) 1,000 steps move it by 0.2. 0.5 suits coef ~0.3-1 (the
+    architecture benchmark's runs); the JumpReLU paper's 0.001 assumes far longer runs."""
     tokens: int = 1_000_000
     """Training budget in tokens."""
     batch_size: int = 4096
