@@ -30,7 +30,7 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
     import torch
 
     torch.set_num_threads(1)
-    from monosemantic.cli import TOY_COEF, ToyArgs
+    from monosemantic.cli import TOY_COEF, TOY_RESAMPLE, ToyArgs
     from monosemantic.toy import ToyConfig, ToyData
     from monosemantic.toy.recovery import octile_means
     from monosemantic.train.toy_run import train_toy
@@ -39,6 +39,7 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
     # as cmd_toy builds it, plus k = the true mean active count and this run's budget and seed
     cfg = dataclasses.replace(ToyArgs().train, activation=act, n_features=round(ratio * toy.n_features),
                               coef=TOY_COEF.get(act, 0.0) if coef is None else coef,
+                              resample_every=TOY_RESAMPLE.get(act, 0),
                               k=max(1, round(mean_active)),
                               tokens=tokens, seed=seed)
     t0 = time.time()
