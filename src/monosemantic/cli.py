@@ -180,9 +180,9 @@ class ToyArgs:
     """Training options; the toy defaults set k to the toy's mean_active (5), start JumpReLU
     thresholds near the scale of the normalised pre-activations, and resample features dead for
     25k tokens every 400 steps (`TOY_RESAMPLE`: every architecture but TopK, which has AuxK;
-    rare features are found by resampling; batch 256 beat 1024 at equal tokens: BENCHMARKS.md). They keep the recipe the toy table
-    was measured with (1% warm-up, LR decay over the last fifth, no clipping: toy data has no
-    massive activations), not train's newer defaults."""
+    rare features are found by resampling; batch 256 beat 1024 at equal tokens: BENCHMARKS.md).
+    They keep the recipe the toy table was measured with (1% warm-up, LR decay over the last
+    fifth, no clipping: toy data has no massive activations), not train's newer defaults."""
 
 
 @dataclass
