@@ -30,18 +30,16 @@ def run_one(act: str, ratio: float, seed: int, tokens: int, mean_active: float,
     import torch
 
     torch.set_num_threads(1)
-    from monosemantic.cli import TOY_COEF, TOY_RESAMPLE, ToyArgs
+    from monosemantic.cli import ToyArgs, toy_train_config
     from monosemantic.toy import ToyConfig, ToyData
     from monosemantic.toy.recovery import octile_means
     from monosemantic.train.toy_run import train_toy
 
     toy = ToyConfig(d=256, n_features=512, mean_active=mean_active)
     # as cmd_toy builds it, plus k = the true mean active count and this run's budget and seed
-    cfg = dataclasses.replace(ToyArgs().train, activation=act, n_features=round(ratio * toy.n_features),
-                              coef=TOY_COEF.get(act, 0.0) if coef is None else coef,
-                              resample_every=TOY_RESAMPLE.get(act, 0),
-                              k=max(1, round(mean_active)),
-                              tokens=tokens, seed=seed)
+    train = dataclasses.replace(ToyArgs().train, coef=coef or 0.0, k=max(1, round(mean_active)),
+                                tokens=tokens, seed=seed)
+    cfg = toy_train_config(train, act, round(ratio * toy.n_features))
     t0 = time.time()
     with tempfile.TemporaryDirectory() as out:
         r = train_toy(toy, cfg, out)

@@ -540,10 +540,7 @@ def cmd_toy(args: ToyArgs) -> int:
     rows = []
     for act in args.activations:
         for ratio in args.ratios:
-            cfg = dataclasses.replace(args.train, activation=act,
-                                      n_features=int(round(ratio * args.toy.n_features)),
-                                      coef=args.train.coef or TOY_COEF.get(act, 0.0),
-                                      resample_every=args.train.resample_every or TOY_RESAMPLE.get(act, 0))
+            cfg = toy_train_config(args.train, act, int(round(ratio * args.toy.n_features)))
             r = train_toy(args.toy, cfg, Path(args.out) / f"{act}-x{ratio:g}", progress=True)
             rows.append({"activation": act, "dict / N": ratio, "mmcs": r.recovery.mmcs,
                          "recovered >0.9": r.recovery.frac_recovered, "dead %": 100 * r.dead_fraction,
@@ -565,6 +562,16 @@ tokens without firing, resampling re-pointed latents that were learning the rare
 BatchTopK, whose threshold is shared by the batch, does better with it: 0.947 against 0.937
 (BENCHMARKS.md)."""
 
+
+
+def toy_train_config(train: TrainConfig, activation: str, n_features: int) -> TrainConfig:
+    """The toy benchmark's config for one architecture: `train` with TOY_COEF and TOY_RESAMPLE
+    filling a coefficient or resampling interval left at 0."""
+    import dataclasses
+
+    return dataclasses.replace(train, activation=activation, n_features=n_features,
+                               coef=train.coef or TOY_COEF.get(activation, 0.0),
+                               resample_every=train.resample_every or TOY_RESAMPLE.get(activation, 0))
 
 COMMANDS = {
     "train": (TrainArgs, cmd_train),
