@@ -301,6 +301,7 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
                "k": args.k, "batch_contexts": ctx_per_batch, "exclude": exclude,
                "out": str(folder / "sparsify"), "threads": args.threads}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), SPARSIFY_DISABLE_TRITON="1")
+    t0 = time.perf_counter()
     done = subprocess.run([str(ensure_env("sparsify")), str(HERE / "peers" / "worker_sparsify_e2e.py"),
                            json.dumps(payload)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, env=env, timeout=args.timeout)
@@ -308,6 +309,7 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"sparsify end to end failed:\n{done.stdout[-3000:]}")
     sp = json.loads(lines[-1][len("RESULT "):])
+    sp_process = time.perf_counter() - t0
     tokens = sp["tokens"] // args.batch_size * args.batch_size
     cmd = [sys.executable, "-m", "monosemantic", "train", req.model, req.corpus, "--hookpoints",
            args.hookpoint, "--tokens", str(tokens), "--batch-size", str(args.batch_size),
@@ -322,12 +324,15 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
     for c in list_caches():  # the harvest made a cache for this token count: drop it
         if c.request.n_tokens == tokens and c.folder != cache.folder and c.request.split == "train":
             shutil.rmtree(c.folder, ignore_errors=True)
+    # both timed as whole processes (interpreter start, imports, model load, data, training,
+    # saving: what a user waits for); "load to end" is sparsify's Trainer timed from its model load
     rows = [{"impl": "sparsify Trainer (model + tokens)", "tokens": sp["tokens"],
-             "wall s": sp["wall_s"], "tokens/s": sp["tokens"] / sp["wall_s"]},
+             "wall s": sp_process, "tokens/s": sp["tokens"] / sp_process,
+             "load to end s": sp["wall_s"]},
             {"impl": "monosemantic train (raw text)", "tokens": tokens, "wall s": wall,
              "tokens/s": tokens / wall}]
     rows[1]["x sparsify"] = rows[1]["tokens/s"] / rows[0]["tokens/s"]
-    print("\nend to end from text (wall time including model load):")
+    print("\nend to end from text (wall time of each whole process):")
     print(format_table(rows))
     return rows
 

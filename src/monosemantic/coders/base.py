@@ -300,12 +300,15 @@ class SparseCoder(nn.Module):
     def remove_gradient_parallel_to_decoder(self) -> None:
         """Project out of W_dec.grad the component along each feature's decoder row, so a step
         on unit-norm rows only rotates them (Bricken et al. 2023)."""
-        if self.W_dec.grad is None:
+        W, G = self.W_dec, self.W_dec.grad
+        if G is None:
             return
-        # grad -= (grad . w / |w|^2) w, row by row, without [F, D] temporaries
-        sq = torch.linalg.vecdot(self.W_dec, self.W_dec).clamp_min(torch.finfo(self.dtype).tiny)
-        coef = torch.linalg.vecdot(self.W_dec.grad, self.W_dec).div_(sq)
-        self.W_dec.grad.addcmul_(self.W_dec, coef[:, None], value=-1.0)
+        # G -= (G . w / |w|^2) w, row by row, in blocks of rows: no [F, D] temporary, and each
+        # block of G and W is still in cache for the update
+        sq = W.norm(dim=1).square_().clamp_min_(torch.finfo(self.dtype).tiny)
+        for i in range(0, W.shape[0], 1024):
+            w, g = W[i:i + 1024], G[i:i + 1024]
+            g.addcmul_(w, torch.linalg.vecdot(g, w).div_(sq[i:i + 1024])[:, None], value=-1.0)
 
     # ---- folding constants into the weights -------------------------------------------------
 

@@ -47,11 +47,14 @@ def geometric_median(x: Tensor, max_iter: int = 100, tol: float = 1e-5) -> Tenso
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"geometric_median needs a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
     pts = x.detach().double()
+    sq = pts.pow(2).sum(1)
     y = pts.mean(0)
     for _ in range(max_iter):
-        dist = (pts - y).norm(dim=1)
+        # |p - y|^2 = |p|^2 - 2 p.y + |y|^2 and the weighted sum as a product: no [N, D] temporary
+        # per iteration (float64 keeps the expansion accurate)
+        dist = (sq - 2 * (pts @ y) + y @ y).clamp_min(0).sqrt()
         w = 1.0 / dist.clamp_min(1e-12)
-        y_new = (w[:, None] * pts).sum(0) / w.sum()
+        y_new = (w @ pts) / w.sum()
         step = (y_new - y).norm()
         y = y_new
         if step <= tol * dist.mean().clamp_min(1e-12):

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder
@@ -267,8 +268,7 @@ class Trainer:
         else:
             out = coder(x, target=None if c.kind == "sae" else y)
             pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
-        err = y - pred
-        recon = err.pow(2).sum(-1).mean()
+        recon = F.mse_loss(pred, y, reduction="sum") / max(1, y.shape[0])  # no [B, D] error kept
         loss = recon + loss
         if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
             penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
@@ -277,7 +277,8 @@ class Trainer:
             dead = st.dead.dead_mask.to(x.device)
             if dead.any():
                 auxk = coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred)
-                resid_var = (err - err.mean(0)).pow(2).sum(-1).mean().detach()
+                err = (y - pred).detach()
+                resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
                 loss = loss + c.auxk_coef * auxk * resid_var
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coder {st.spec.name}: the loss became {float(loss)} at step "
@@ -295,8 +296,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.seed * 100003 + step)
             resample_dead(coder, st.opt, *self.parallel.gather_rows(x, y), st.dead.dead_mask, gen)
         with torch.no_grad():
-            total = (y - y.mean(0)).pow(2).sum()
-            st.last = {"loss": float(loss), "fvu": float(err.pow(2).sum() / total),
+            total = y.var(0, correction=0).sum() * y.shape[0]  # one pass, no [B, D] temporary
+            st.last = {"loss": float(loss), "fvu": float(recon * y.shape[0] / total),
                        "l0": (float((out.acts > 0).sum(-1).float().mean()) if sparse is None
                               else sparse.active.l0()),
                        "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
@@ -402,6 +403,8 @@ def _summary(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
 
 
 def _check_finite(hookpoint: str, x: Tensor, step: int) -> None:
+    if torch.isfinite(x.sum()):  # one read of x; inf or nan anywhere makes the sum non-finite
+        return
     bad = ~torch.isfinite(x)
     if bad.any():
         row, dim = (int(i) for i in bad.nonzero()[0])
