@@ -7,6 +7,7 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import random
@@ -136,3 +137,15 @@ def _prefetch_worker(it, q, stop) -> None:
         put((None, None, True))
     except BaseException as err:  # handed to the consumer
         put((None, err, True))
+
+
+def release_free_memory() -> None:
+    """Give the C heap's free pages back to the OS (glibc's `malloc_trim`). The allocator keeps
+    freed blocks for reuse, so the large temporaries of a one-off phase (a coder's initialisation
+    on its first batch) would otherwise stay resident, uncounted by any tensor, for the whole run.
+    A no-op where the C library has no malloc_trim."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl, Windows)
+        pass
+

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder
 from ..coders.init import initialize
-from ..utils import atomic_write_json, prefetch, read_json
+from ..utils import atomic_write_json, prefetch, read_json, release_free_memory
 from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
 from .config import Resolved, TrainConfig, clip_gradients, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
@@ -222,6 +222,7 @@ class Trainer:
                     batch = self.parallel.exchange_rows(batch, step)
             if step == 0:
                 self.parallel.initialize(self._initialize, batch, self.states)
+                release_free_memory()  # initialisation's temporaries
             if clean is not None and clean.spliced:
                 self.objective.step(self, clean, step)
             else:
