@@ -297,7 +297,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.seed * 100003 + step)
             resample_dead(coder, st.opt, *self.parallel.gather_rows(x, y), st.dead.dead_mask, gen)
         with torch.no_grad():
-            total = y.var(0, correction=0).sum() * y.shape[0]  # one pass, no [B, D] temporary
+            total = (y - y.mean(0)).pow(2).sum()
             st.last = {"loss": float(loss), "fvu": float(recon * y.shape[0] / total),
                        "l0": (float((out.acts > 0).sum(-1).float().mean()) if sparse is None
                               else sparse.active.l0()),
