@@ -182,6 +182,21 @@ def test_decoder_normalisation_and_gradient_projection(activation, kind):
     assert ((g * coder.W_dec).sum(1).abs() <= 1e-5 * g.norm(dim=1).clamp_min(1e-6)).all()
 
 
+def test_gradient_projection_over_several_row_blocks():
+    # the projection runs in blocks of 1,024 rows: rows in every block, including a short last
+    # one, lose exactly their component along their (not unit) decoder row
+    cfg = CoderConfig(d_in=D_IN, n_features=2500, activation="topk", k=K)
+    coder = build_coder(cfg)
+    g = torch.randn(2500, D_IN)
+    coder.W_dec.grad = g.clone()
+    with torch.no_grad():
+        coder.W_dec.mul_(torch.rand(2500, 1) + 0.5)
+    w = coder.W_dec.detach()
+    coder.remove_gradient_parallel_to_decoder()
+    expected = g - ((g * w).sum(1) / (w * w).sum(1))[:, None] * w
+    torch.testing.assert_close(coder.W_dec.grad, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_auxk_loss_trains_only_dead_features():
     coder = make("topk", "transcoder")
     x, y = inputs(32, 1), torch.randn(32, D_OUT)

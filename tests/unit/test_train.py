@@ -360,3 +360,21 @@ def test_a_spike_batch_moves_a_clipped_coder_less(tmp_path):
     assert free == [None] * 6  # no pass over the gradients when off
     v_free = max(float(s["exp_avg_sq"].max()) for s in opt.state.values())
     assert v_free > 100 * v_clip
+
+
+def test_opposite_infinities_in_one_batch_are_caught():
+    from monosemantic.train.loop import _check_finite
+
+    x = torch.zeros(4, 3)
+    x[1, 2], x[3, 0] = float("inf"), float("-inf")  # their sum is nan, the fast check's signal
+    with pytest.raises(ValueError, match=r"non-finite activation \(inf\) at hookpoint h, step 5, batch row 1, dim 2"):
+        _check_finite("h", x, 5)
+    _check_finite("h", torch.full((4, 3), 3e38), 5)  # finite values whose sum overflows pass
+
+
+def test_releasing_free_memory_needs_no_glibc(monkeypatch):
+    from monosemantic import utils
+
+    utils.release_free_memory()  # glibc here: malloc_trim runs
+    monkeypatch.setattr(utils.ctypes, "CDLL", lambda name: object())  # a C library without it
+    utils.release_free_memory()
