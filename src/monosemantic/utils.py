@@ -148,4 +148,3 @@ def release_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl, Windows)
         pass
-
