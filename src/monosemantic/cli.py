@@ -563,7 +563,6 @@ BatchTopK, whose threshold is shared by the batch, does better with it: 0.947 ag
 (BENCHMARKS.md)."""
 
 
-
 def toy_train_config(train: TrainConfig, activation: str, n_features: int) -> TrainConfig:
     """The toy benchmark's config for one architecture: `train` with TOY_COEF and TOY_RESAMPLE
     filling a coefficient or resampling interval left at 0."""
@@ -572,6 +571,7 @@ def toy_train_config(train: TrainConfig, activation: str, n_features: int) -> Tr
     return dataclasses.replace(train, activation=activation, n_features=n_features,
                                coef=train.coef or TOY_COEF.get(activation, 0.0),
                                resample_every=train.resample_every or TOY_RESAMPLE.get(activation, 0))
+
 
 COMMANDS = {
     "train": (TrainArgs, cmd_train),
