@@ -176,13 +176,14 @@ class ToyArgs:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         tokens=4_000_000, batch_size=256, k=5, lr=3e-3, resample_every=0, dead_tokens=25_000,
         jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.5, lr_warmup=0.01, lr_decay=0.2,
-        grad_clip=0.0))
+        grad_clip=0.0, input_norm=0.0, calibrate_init=True))
     """Training options; the toy defaults set k to the toy's mean_active (5), start JumpReLU
     thresholds near the scale of the normalised pre-activations, and resample features dead for
     25k tokens every 400 steps (`TOY_RESAMPLE`: every architecture but TopK, which has AuxK;
     rare features are found by resampling; batch 256 beat 1024 at equal tokens: BENCHMARKS.md).
     They keep the recipe the toy table was measured with (1% warm-up, LR decay over the last
-    fifth, no clipping: toy data has no massive activations), not train's newer defaults."""
+    fifth, no clipping: toy data has no massive activations; inputs at sqrt(D) scale and a
+    calibrated encoder for every architecture), not train's newer defaults."""
 
 
 @dataclass

@@ -185,6 +185,34 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
         _trainer(tmp_path).fit(_batches(), progress=False)
 
 
+def test_unset_options_resolve_by_architecture(tmp_path):
+    """The top-k family trains at unit input scale, uncalibrated, unclipped; the penalty family at
+    sqrt(D) scale (its coefficients' units), calibrated, clipped at 1; explicit values win."""
+    for activation, want in (("topk", (0.0, 1.0, False)), ("batchtopk", (0.0, 1.0, False)),
+                             ("relu", (1.0, 0.0, True)), ("jumprelu", (1.0, 0.0, True))):
+        r = TrainConfig(activation=activation, coef=1.0).resolve(16)
+        assert (r.grad_clip, r.input_norm, r.calibrate_init) == want, activation
+    r = TrainConfig(grad_clip=2.0, input_norm=0.0, calibrate_init=True).resolve(16)
+    assert (r.grad_clip, r.input_norm, r.calibrate_init) == (2.0, 0.0, True)
+    _trainer(tmp_path).fit(_batches(), progress=False)  # what the run used is recorded
+    info = json.loads((tmp_path / "c" / "training.json").read_text())
+    assert (info["grad_clip"], info["input_norm"], info["calibrate_init"]) == (0.0, 1.0, False)
+
+
+def test_command_line_sets_or_leaves_the_architecture_dependent_options():
+    import simple_parsing
+
+    from monosemantic.cli import TrainArgs
+
+    def parse(*extra):
+        return simple_parsing.parse(TrainArgs, args=["m", "c", *extra]).train
+
+    assert (parse().grad_clip, parse().input_norm, parse().calibrate_init) == (None, None, None)
+    assert parse("--calibrate_init").calibrate_init is True  # a bare flag means true
+    assert parse("--calibrate_init", "false").calibrate_init is False
+    assert (parse("--grad_clip", "0.5").grad_clip, parse("--input_norm", "0").input_norm) == (0.5, 0.0)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(activation="relu", coef=0.0), "coef=0.0: activation='relu'"),
     (dict(activation="jumprelu"), "coefficient must be > 0"),

@@ -5,8 +5,12 @@ Defaults follow Gao et al. 2024 ("Scaling and evaluating sparse autoencoders") f
 tokens or a tenth of the budget, whichever is smaller) and Anthropic's April 2024 update for the
 penalty family (L1 weighted by decoder norms, coefficient warm-up over the first 5%, resampling of
 dead features). For every architecture: LR warm-up over the first 5% then constant (Anthropic's
-decay over the last 20% is lr_decay=0.2; it did worse here) and the gradient norm clipped at 1
-(dictionary-learning's default; massive-activation tokens make rare huge gradients).
+decay over the last 20% is lr_decay=0.2; it did worse here). The top-k family trains as
+dictionary-learning does (inputs at unit scale, encoder rows at unit norm, no gradient clip: one
+epoch on SmolLM2 layer 15 at the best LR, three seeds, FVU 0.083 against 0.114 for the older
+settings below and 0.087 for dictionary-learning); the penalty family keeps inputs at sqrt(D)
+scale, in which its coefficients, bandwidth and threshold are quoted, a calibrated encoder and the
+gradient norm clipped at 1 (massive-activation tokens make rare huge gradients). BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -20,6 +24,14 @@ if TYPE_CHECKING:
     import torch
 
 PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
+TOPK_ACTIVATIONS = ("topk", "batchtopk")
+
+
+def _optional_bool(text: str) -> bool:
+    """--calibrate_init alone means true; 'true'/'false' (or yes/no, 1/0) set it."""
+    from simple_parsing.utils import str2bool
+
+    return str2bool(text)
 
 
 @dataclass(frozen=True)
@@ -71,12 +83,14 @@ class TrainConfig:
     """Fraction of steps at the end over which the LR decays linearly to 0 (0 = constant after the
     warm-up, as dictionary-learning and sparsify train; on SmolLM2 layer 15, one epoch at the best
     LR, a decay over the last fifth of the steps gave FVU 0.097 against 0.085 without; BENCHMARKS.md)."""
-    grad_clip: float = 1.0
-    """Clip each coder's gradient norm to this before the optimizer step (0 = off), in normalised
-    units (E||x||^2 = D). On SmolLM2 layer 15 a batch holding a massive-activation token has a
-    gradient 100-1000x the others' (typical norms 1.5-5); unclipped, it inflates Adam's second
-    moments for the next ~1/(1 - beta2) steps and stalls training (one epoch at the automatic LR:
-    FVU 0.48 unclipped, 0.42 clipped at 1; BENCHMARKS.md). Clipped at 1, as dictionary-learning."""
+    grad_clip: float | None = None
+    """Clip each coder's gradient norm to this before the optimizer step (0 = off; unset = off for
+    topk/batchtopk, 1 for relu/gated/jumprelu). At sqrt(D) scale on SmolLM2 layer 15 a batch holding
+    a massive-activation token has a gradient 100-1000x the others' and, unclipped, inflates Adam's
+    second moments for the next ~1/(1 - beta2) steps (one epoch at the automatic LR: FVU 0.48
+    unclipped, 0.42 clipped at 1). At the top-k family's unit scale and best LR the clip instead
+    shrinks exactly the steps that teach the features of those tokens (their relative error 9.9%
+    clipped, 3.3% not; BENCHMARKS.md)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -86,18 +100,21 @@ class TrainConfig:
     from activations) or random."""
     bias_init: str = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zero."""
-    calibrate_init: bool = True
+    calibrate_init: bool | None = dataclasses.field(
+        default=None, metadata={"custom_args": {"nargs": "?", "const": True, "type": _optional_bool}})
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
-    False leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init)."""
+    false leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init).
+    Unset = false for topk/batchtopk, true for relu/gated/jumprelu."""
     normalize: bool = True
     """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights),
     the mean taken over the first batch's typical tokens (outliers, by outlier_multiple, left out
     of the estimate even when trained on)."""
-    input_norm: float = 0.0
-    """With normalize: scale inputs so that sqrt(E||x||^2) = this instead; 0 = sqrt(D). The
+    input_norm: float | None = None
+    """With normalize: scale inputs so that sqrt(E||x||^2) = this; 0 = sqrt(D); unset = 1 for
+    topk/batchtopk (dictionary-learning's scale), sqrt(D) for relu/gated/jumprelu, whose
     coefficient, bandwidth and threshold defaults above are quoted for sqrt(D). Under Adam every
     parameter moves about lr per step, so this sets how fast the biases move relative to their
-    size (dictionary-learning trains at 1)."""
+    size."""
     outlier_multiple: float = 10.0
     """Outlier tokens: norm above this multiple of the median norm of the first batch (0 = no
     rule). They are counted during training and reported at evaluation (the metrics table's FVU
@@ -146,9 +163,9 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a fraction in [0, 1]")
         if self.lr < 0:
             raise ValueError(f"lr={self.lr} must be >= 0 (0 = automatic)")
-        if self.input_norm < 0:
+        if self.input_norm is not None and self.input_norm < 0:
             raise ValueError(f"input_norm={self.input_norm} must be >= 0 (0 = sqrt(input width))")
-        if self.grad_clip < 0:
+        if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
         if self.n_features < 0 or self.expansion < 1:
             raise ValueError("n_features must be >= 0 and expansion >= 1")
@@ -184,8 +201,12 @@ class TrainConfig:
             resample = tuple(sorted({steps // 4, steps // 2, 3 * steps // 4} - {0}))
         else:
             resample = ()
+        topk = self.activation in TOPK_ACTIVATIONS
         return Resolved(n_features=n_features, steps=steps, lr=lr, dead_tokens=dead,
-                        k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample)
+                        k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample,
+                        grad_clip=(0.0 if topk else 1.0) if self.grad_clip is None else self.grad_clip,
+                        input_norm=(1.0 if topk else 0.0) if self.input_norm is None else self.input_norm,
+                        calibrate_init=not topk if self.calibrate_init is None else self.calibrate_init)
 
 
 @dataclass(frozen=True)
@@ -198,6 +219,10 @@ class Resolved:
     dead_tokens: int
     k_aux: int
     resample_steps: tuple[int, ...]
+    grad_clip: float
+    input_norm: float
+    """0 = sqrt(D)."""
+    calibrate_init: bool
 
 
 def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:

@@ -86,7 +86,7 @@ class _State:
         renormalised. Returns the gradient norm before clipping (None when clipping is off)."""
         if self.constrained:
             self.coder.remove_gradient_parallel_to_decoder()
-        norm = clip_gradients(self.coder, self.spec.config.grad_clip)
+        norm = clip_gradients(self.coder, self.res.grad_clip)
         self.opt.step()
         if self.constrained:
             self.coder.set_decoder_to_unit_norm()
@@ -190,12 +190,13 @@ class Trainer:
                 # the scale comes from the typical tokens even when outliers are trained on: one
                 # massive-activation token in the first batch would otherwise shrink it ~3x, and with
                 # it every penalty coefficient's meaning (seen: L0 119 or 16 from one coef by seed)
-                st.scale_in = math.sqrt((c.input_norm ** 2 or xt.shape[1]) / float(xt.pow(2).sum(1).mean()))
+                target = st.res.input_norm
+                st.scale_in = math.sqrt((target ** 2 or xt.shape[1]) / float(xt.pow(2).sum(1).mean()))
                 st.scale_out = (st.scale_in if c.kind == "sae"
-                                else math.sqrt((c.input_norm ** 2 or yt.shape[1])
+                                else math.sqrt((target ** 2 or yt.shape[1])
                                                / float(yt.pow(2).sum(1).mean())))
             initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
-                       method=c.init, bias=c.bias_init, seed=c.seed, calibrate=c.calibrate_init)
+                       method=c.init, bias=c.bias_init, seed=c.seed, calibrate=st.res.calibrate_init)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -392,7 +393,9 @@ class Trainer:
                                 + ("left out of training" if st.spec.config.drop_outliers
                                    else "trained on"),
                 "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},
-                "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens})
+                "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens,
+                "grad_clip": st.res.grad_clip, "input_norm": st.res.input_norm or math.sqrt(st.coder.cfg.d_in),
+                "calibrate_init": st.res.calibrate_init})
         self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
         return coders
 
