@@ -95,7 +95,7 @@ def main() -> None:
             fn()
             speed[name].append(n_tok / (time.perf_counter() - start))
             print(f"  round {r + 1}: {name:24s} {speed[name][-1]:8.1f} tok/s", flush=True)
-    print(f"\n| pipeline | median tok/s | rounds (tok/s) |\n|---|---:|---|")
+    print("\n| pipeline | median tok/s | rounds (tok/s) |\n|---|---:|---|")
     for name, xs in speed.items():
         print(f"| {name} | {statistics.median(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} |")
     ours, bare_ = (statistics.median(xs) for xs in speed.values())

@@ -26,9 +26,12 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 def args() -> dict:
