@@ -34,6 +34,10 @@ def _optional_bool(text: str) -> bool:
     return str2bool(text)
 
 
+_OPTIONAL_FLAG = {"custom_args": {"nargs": "?", "const": True, "type": _optional_bool}}
+"""Command-line form of a bool that may be left unset: a bare flag means true."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train a coder: architecture, size, sparsity, budget, optimiser, dead features."""
@@ -89,8 +93,8 @@ class TrainConfig:
     a massive-activation token has a gradient 100-1000x the others' and, unclipped, inflates Adam's
     second moments for the next ~1/(1 - beta2) steps (one epoch at the automatic LR: FVU 0.48
     unclipped, 0.42 clipped at 1). At the top-k family's unit scale and best LR the clip instead
-    shrinks exactly the steps that teach the features of those tokens (their relative error 9.9%
-    clipped, 3.3% not; BENCHMARKS.md)."""
+    shrinks exactly the steps that teach the features of those tokens (their relative error 0.099
+    clipped, 0.033 not; BENCHMARKS.md)."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -100,14 +104,13 @@ class TrainConfig:
     from activations) or random."""
     bias_init: str = "geometric_median"
     """Initial decoder bias: geometric_median, mean or zero."""
-    calibrate_init: bool | None = dataclasses.field(
-        default=None, metadata={"custom_args": {"nargs": "?", "const": True, "type": _optional_bool}})
+    calibrate_init: bool | None = dataclasses.field(default=None, metadata=_OPTIONAL_FLAG)
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
     false leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init).
     Unset = false for topk/batchtopk, true for relu/gated/jumprelu."""
     normalize: bool = True
-    """Train on inputs scaled by one constant so that E||x||^2 = D (folded into the saved weights),
-    the mean taken over the first batch's typical tokens (outliers, by outlier_multiple, left out
+    """Train on inputs scaled by one constant so that E||x||^2 = input_norm^2 (folded into the saved
+    weights), the mean taken over the first batch's typical tokens (outliers, by outlier_multiple, left out
     of the estimate even when trained on)."""
     input_norm: float | None = None
     """With normalize: scale inputs so that sqrt(E||x||^2) = this; 0 = sqrt(D); unset = 1 for
