@@ -186,9 +186,9 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
 
 
 def test_unset_options_resolve_by_architecture(tmp_path):
-    """The top-k family trains at unit input scale, uncalibrated, unclipped; the penalty family at
-    sqrt(D) scale (its coefficients' units), calibrated, clipped at 1; explicit values win."""
-    for activation, want in (("topk", (0.0, 1.0, False)), ("batchtopk", (0.0, 1.0, False)),
+    """TopK trains at unit input scale, uncalibrated, unclipped; BatchTopK and the penalty family
+    at sqrt(D) scale (the penalties' units), calibrated, clipped at 1; explicit values win."""
+    for activation, want in (("topk", (0.0, 1.0, False)), ("batchtopk", (1.0, 0.0, True)),
                              ("relu", (1.0, 0.0, True)), ("jumprelu", (1.0, 0.0, True))):
         r = TrainConfig(activation=activation, coef=1.0).resolve(16)
         assert (r.grad_clip, r.input_norm, r.calibrate_init) == want, activation

@@ -5,12 +5,13 @@ Defaults follow Gao et al. 2024 ("Scaling and evaluating sparse autoencoders") f
 tokens or a tenth of the budget, whichever is smaller) and Anthropic's April 2024 update for the
 penalty family (L1 weighted by decoder norms, coefficient warm-up over the first 5%, resampling of
 dead features). For every architecture: LR warm-up over the first 5% then constant (Anthropic's
-decay over the last 20% is lr_decay=0.2; it did worse here). The top-k family trains as
-dictionary-learning does (inputs at unit scale, encoder rows at unit norm, no gradient clip: one
-epoch on SmolLM2 layer 15 at the best LR, three seeds, FVU 0.083 against 0.114 for the older
-settings below and 0.087 for dictionary-learning); the penalty family keeps inputs at sqrt(D)
-scale, in which its coefficients, bandwidth and threshold are quoted, a calibrated encoder and the
-gradient norm clipped at 1 (massive-activation tokens make rare huge gradients). BENCHMARKS.md.
+decay over the last 20% is lr_decay=0.2; it did worse here). TopK trains as dictionary-learning
+does (inputs at unit scale, encoder rows at unit norm, no gradient clip: one epoch on SmolLM2 layer
+15 at the best LR, three seeds, FVU 0.083 against 0.114 for the settings below and 0.087 for
+dictionary-learning). BatchTopK and the penalty family keep inputs at sqrt(D) scale (in which the
+penalty coefficients, bandwidth and threshold are quoted), a calibrated encoder and the gradient
+norm clipped at 1 (massive-activation tokens make rare huge gradients): BatchTopK did much worse
+with TopK's settings (FVU 0.122 against 0.079 at k 50). BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     import torch
 
 PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
-TOPK_ACTIVATIONS = ("topk", "batchtopk")
 
 
 def _optional_bool(text: str) -> bool:
@@ -89,11 +89,11 @@ class TrainConfig:
     LR, a decay over the last fifth of the steps gave FVU 0.097 against 0.085 without; BENCHMARKS.md)."""
     grad_clip: float | None = None
     """Clip each coder's gradient norm to this before the optimizer step (0 = off; unset = off for
-    topk/batchtopk, 1 for relu/gated/jumprelu). At sqrt(D) scale on SmolLM2 layer 15 a batch holding
-    a massive-activation token has a gradient 100-1000x the others' and, unclipped, inflates Adam's
+    topk, 1 for the others). At sqrt(D) scale on SmolLM2 layer 15 a batch holding a
+    massive-activation token has a gradient 100-1000x the others' and, unclipped, inflates Adam's
     second moments for the next ~1/(1 - beta2) steps (one epoch at the automatic LR: FVU 0.48
-    unclipped, 0.42 clipped at 1). At the top-k family's unit scale and best LR the clip instead
-    shrinks exactly the steps that teach the features of those tokens (their relative error 0.099
+    unclipped, 0.42 clipped at 1). At TopK's unit scale and best LR the clip instead shrinks
+    exactly the steps that teach the features of those tokens (their relative error 0.099
     clipped, 0.033 not; BENCHMARKS.md)."""
     beta1: float = 0.9
     """Adam beta1."""
@@ -107,14 +107,14 @@ class TrainConfig:
     calibrate_init: bool | None = dataclasses.field(default=None, metadata=_OPTIONAL_FLAG)
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
     false leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init).
-    Unset = false for topk/batchtopk, true for relu/gated/jumprelu."""
+    Unset = false for topk, true for the others."""
     normalize: bool = True
-    """Train on inputs scaled by one constant so that E||x||^2 = input_norm^2 (folded into the saved
-    weights), the mean taken over the first batch's typical tokens (outliers, by outlier_multiple, left out
-    of the estimate even when trained on)."""
+    """Train on inputs scaled by one constant so that E||x||^2 = input_norm^2 (folded into the
+    saved weights), the mean taken over the first batch's typical tokens (outliers, by
+    outlier_multiple, left out of the estimate even when trained on)."""
     input_norm: float | None = None
     """With normalize: scale inputs so that sqrt(E||x||^2) = this; 0 = sqrt(D); unset = 1 for
-    topk/batchtopk (dictionary-learning's scale), sqrt(D) for relu/gated/jumprelu, whose
+    topk (dictionary-learning's scale), sqrt(D) for the others; relu/gated/jumprelu's
     coefficient, bandwidth and threshold defaults above are quoted for sqrt(D). Under Adam every
     parameter moves about lr per step, so this sets how fast the biases move relative to their
     size."""
@@ -204,7 +204,7 @@ class TrainConfig:
             resample = tuple(sorted({steps // 4, steps // 2, 3 * steps // 4} - {0}))
         else:
             resample = ()
-        topk = self.activation in TOPK_ACTIVATIONS
+        topk = self.activation == "topk"  # BatchTopK did worse so (config docstring)
         return Resolved(n_features=n_features, steps=steps, lr=lr, dead_tokens=dead,
                         k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample,
                         grad_clip=(0.0 if topk else 1.0) if self.grad_clip is None else self.grad_clip,
