@@ -144,7 +144,9 @@ DDP = {"topk": dict(k=3), "relu": dict(activation="relu", coef=0.3),
        # thresholds above most pre-activations: features die and are resampled at step 2 (step 4
        # is in the LR decay, when nothing is resampled)
        "jumprelu": dict(activation="jumprelu", coef=0.01, resample_every=2, jumprelu_init_threshold=4.0),
-       "batchtopk": dict(activation="batchtopk", k=3)}
+       "batchtopk": dict(activation="batchtopk", k=3),
+       # the loss over the global batch's variance, from each rank's sums
+       "topk_fvu": dict(k=3, recon_loss="fvu")}
 
 
 # ---- pure functions ------------------------------------------------------------------------------

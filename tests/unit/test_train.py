@@ -219,6 +219,7 @@ def test_command_line_sets_or_leaves_the_architecture_dependent_options():
     (dict(tokens=100, batch_size=256), "less than one batch"),
     (dict(lr_warmup=2.0), "lr_warmup=2.0 must be a fraction"),
     (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
+    (dict(recon_loss="l1"), "recon_loss='l1' is unknown; pick one of mse, fvu"),
 ])
 def test_bad_training_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -388,6 +389,30 @@ def test_a_spike_batch_moves_a_clipped_coder_less(tmp_path):
     assert free == [None] * 6  # no pass over the gradients when off
     v_free = max(float(s["exp_avg_sq"].max()) for s in opt.state.values())
     assert v_free > 100 * v_clip
+
+
+@pytest.mark.parametrize("activation,extra", [("topk", {"k": 3}), ("relu", {"coef": 0.3})])
+def test_fvu_loss_is_the_mse_loss_over_the_batch_variance(tmp_path, activation, extra):
+    """recon_loss fvu: every gradient is the mse loss's times B / (the batch's total variance), so
+    a batch holding a massive token weighs less."""
+    grads = {}
+    for loss in ("mse", "fvu"):
+        cfg = TrainConfig(activation=activation, recon_loss=loss, grad_clip=0.0,
+                          **{**BASE, **extra, "tokens": 256 * 4, "lr_warmup": 0.0})
+        tr = _trainer(tmp_path / loss, [CoderSpec("c", HOOKPOINT, cfg)])
+        seen = []
+        tr.states[0].opt.register_step_pre_hook(
+            lambda opt, *_: seen.append([p.grad.clone() for g in opt.param_groups for p in g["params"]]))
+        tr.fit(_with_huge_row(at_step=2, row=0), progress=False)
+        grads[loss], scale = seen, tr.states[0].scale_in
+    x = next(_with_huge_row(at_step=2, row=0)(0))[HOOKPOINT] * scale  # the runs agree until the
+    total = float((x - x.mean(0)).pow(2).sum())                           # first update
+    for a, b in zip(grads["mse"][0], grads["fvu"][0]):
+        torch.testing.assert_close(b, a * x.shape[0] / total, rtol=1e-4, atol=1e-9)
+    assert all(torch.isfinite(g).all() for gs in grads["fvu"] for g in gs)
+    # the spike batch's gradient, relative to the one before it, is far smaller under fvu
+    norm = [[float(torch.cat([g.flatten() for g in gs]).norm()) for gs in grads[loss]] for loss in grads]
+    assert norm[0][2] / norm[0][1] > 50 * norm[1][2] / norm[1][1]
 
 
 def test_opposite_infinities_in_one_batch_are_caught():

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
+RECON_LOSSES = ("mse", "fvu")
 
 
 def _optional_bool(text: str) -> bool:
@@ -95,6 +96,13 @@ class TrainConfig:
     unclipped, 0.42 clipped at 1). At TopK's unit scale and best LR the clip instead shrinks
     exactly the steps that teach the features of those tokens (their relative error 0.099
     clipped, 0.033 not; BENCHMARKS.md)."""
+    recon_loss: str = "mse"
+    """The reconstruction loss: mse (squared error summed over dimensions, mean over tokens) or
+    fvu (the same divided by the batch's total variance per token, sparsify's loss). Under Adam a
+    constant factor changes nothing; a per-batch one weighs each batch by 1 / its variance, so a
+    batch holding a massive-activation token moves the coder less. The whole loss (AuxK, the
+    penalty) is divided by the same number, so the coefficients keep their meaning. Local steps
+    only: the spliced steps of e2e losses have no reconstruction term."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -177,6 +185,9 @@ class TrainConfig:
         if not (self.jumprelu_bandwidth > 0 and self.jumprelu_init_threshold > 0):
             raise ValueError(f"jumprelu_bandwidth={self.jumprelu_bandwidth} and jumprelu_init_threshold="
                              f"{self.jumprelu_init_threshold} must both be > 0")
+        if self.recon_loss not in RECON_LOSSES:
+            raise ValueError(f"recon_loss={self.recon_loss!r} is unknown; pick one of "
+                             f"{', '.join(RECON_LOSSES)}")
         if self.outlier_multiple < 0:
             raise ValueError(f"outlier_multiple={self.outlier_multiple} must be >= 0 (0 = off)")
 
