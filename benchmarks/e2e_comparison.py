@@ -142,7 +142,8 @@ def main() -> None:
         # defaults moved to unit scale, uncalibrated encoder, no clip): each run here takes ~30 min
         base = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, expansion=args.expansion,
                            seed=seed, lr=args.lr, checkpoint_every=20,
-                           grad_clip=1.0, input_norm=0.0, calibrate_init=True)
+                           grad_clip=1.0, input_norm=0.0, calibrate_init=True,
+                           recon_loss="mse")
         trained = []  # (method, folder, spec, coder, seconds per coder, tokens/s)
         for method, loss in METHODS.items():
             if method not in args.methods:

@@ -186,7 +186,8 @@ def quality(args, cache: ActivationCache, x_eval: torch.Tensor, out: Path) -> di
             want = None if mult == 1.0 else lr * mult
             old = [r for r in earlier.get(impl, []) if (want is None and r is earlier[impl][0])
                    or (want is not None and abs(r["lr"] / want - 1) < 1e-3)]
-            if old and Path(old[0]["folder"]).exists():  # same impl, same LR, same settings
+            # same impl, same LR, same settings; ours also needs its coder (read by the peers below)
+            if old and (impl != "ours" or Path(old[0]["folder"]).exists()):
                 row = dict(old[0])
                 lr = lr or row["lr"]
                 print(f"quality: {impl:9s} lr {row['lr']:.2e}: reused from {args.reuse}", flush=True)

@@ -5,8 +5,9 @@ The Trainer reads its batches from the iterator it is given in a background thre
 (`Trainer._step`, wrapped here): from the start of one step to the start of the next, so the
 loop's own per-step work (logging, waiting for a batch if the reader falls behind) counts, and the
 end of the last. Everything else (LR 2e-4 / sqrt(F / 2^14) unless given, 5% warm-up, no decay,
-gradient norm clipped at 1, AuxK, outlier tokens counted and trained on, normalisation folded at the
-end) is the Trainer's default; --ours-train overrides any of it.
+TopK's training scale, initialisation and gradient clip (TrainConfig.resolve), AuxK, outlier tokens
+counted and trained on, normalisation folded at the end) is the Trainer's default; --ours-train
+overrides any of it.
 """
 
 from __future__ import annotations

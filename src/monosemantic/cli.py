@@ -176,7 +176,7 @@ class ToyArgs:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         tokens=4_000_000, batch_size=256, k=5, lr=3e-3, resample_every=0, dead_tokens=25_000,
         jumprelu_init_threshold=1.0, jumprelu_bandwidth=0.5, lr_warmup=0.01, lr_decay=0.2,
-        grad_clip=0.0, input_norm=0.0, calibrate_init=True))
+        grad_clip=0.0, input_norm=0.0, calibrate_init=True, recon_loss="mse"))
     """Training options; the toy defaults set k to the toy's mean_active (5), start JumpReLU
     thresholds near the scale of the normalised pre-activations, and resample features dead for
     25k tokens every 400 steps (`TOY_RESAMPLE`: every architecture but TopK, which has AuxK;

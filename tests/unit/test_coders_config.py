@@ -121,6 +121,10 @@ def test_initialize_without_calibration_leaves_unit_encoder_rows():
     initialize(calibrated, x, method="transpose", seed=1)
     torch.testing.assert_close(calibrated.W_dec, coder.W_dec)  # same directions, other encoder scale
     assert not torch.allclose(calibrated.W_enc.norm(dim=1), torch.ones(32))
+    kaiming = build_coder(coder.cfg)  # sparsify's scale: nn.Linear's Kaiming-uniform rows
+    initialize(kaiming, x, method="transpose", seed=1, calibrate=False, encoder_norm=3 ** -0.5)
+    torch.testing.assert_close(kaiming.W_enc, coder.W_enc / 3 ** 0.5)
+    torch.testing.assert_close(kaiming.W_dec, coder.W_dec)
 
 
 def test_initialize_needs_target_for_transcoders():

@@ -186,17 +186,26 @@ def test_corrupt_checkpoint_gets_a_clear_error(tmp_path):
 
 
 def test_unset_options_resolve_by_architecture(tmp_path):
-    """TopK trains at unit input scale, uncalibrated, unclipped; BatchTopK and the penalty family
-    at sqrt(D) scale (the penalties' units), calibrated, clipped at 1; explicit values win."""
-    for activation, want in (("topk", (0.0, 1.0, False)), ("batchtopk", (1.0, 0.0, True)),
-                             ("relu", (1.0, 0.0, True)), ("jumprelu", (1.0, 0.0, True))):
+    """TopK trains at unit input scale, with Kaiming-scale encoder rows, unclipped, on the FVU
+    loss; BatchTopK and the penalty family at sqrt(D) scale (the penalties' units), calibrated,
+    clipped at 1, on squared error; explicit values win."""
+    names = ("grad_clip", "input_norm", "calibrate_init", "init_encoder_norm", "recon_loss")
+    kaiming = 3 ** -0.5
+    for activation, want in (("topk", (0.0, 1.0, False, kaiming, "fvu")),
+                             ("batchtopk", (1.0, 0.0, True, 1.0, "mse")),
+                             ("relu", (1.0, 0.0, True, 1.0, "mse")), ("jumprelu", (1.0, 0.0, True, 1.0, "mse"))):
         r = TrainConfig(activation=activation, coef=1.0).resolve(16)
-        assert (r.grad_clip, r.input_norm, r.calibrate_init) == want, activation
-    r = TrainConfig(grad_clip=2.0, input_norm=0.0, calibrate_init=True).resolve(16)
-    assert (r.grad_clip, r.input_norm, r.calibrate_init) == (2.0, 0.0, True)
+        assert tuple(getattr(r, n) for n in names) == want, activation
+    r = TrainConfig(grad_clip=2.0, input_norm=0.0, calibrate_init=True, recon_loss="mse").resolve(16)
+    assert tuple(getattr(r, n) for n in names) == (2.0, 0.0, True, 1.0, "mse")
+    r = TrainConfig(activation="batchtopk", calibrate_init=False, init_encoder_norm=0.3,
+                    recon_loss="fvu").resolve(16)
+    assert (r.calibrate_init, r.init_encoder_norm, r.recon_loss) == (False, 0.3, "fvu")
+    with pytest.raises(ValueError, match="encoder is calibrated by default: also set calibrate_init false"):
+        TrainConfig(activation="batchtopk", init_encoder_norm=0.3).resolve(16)
     _trainer(tmp_path).fit(_batches(), progress=False)  # what the run used is recorded
     info = json.loads((tmp_path / "c" / "training.json").read_text())
-    assert (info["grad_clip"], info["input_norm"], info["calibrate_init"]) == (0.0, 1.0, False)
+    assert tuple(info[n] for n in names) == (0.0, 1.0, False, pytest.approx(kaiming), "fvu")
 
 
 def test_command_line_sets_or_leaves_the_architecture_dependent_options():
@@ -220,6 +229,8 @@ def test_command_line_sets_or_leaves_the_architecture_dependent_options():
     (dict(lr_warmup=2.0), "lr_warmup=2.0 must be a fraction"),
     (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
     (dict(recon_loss="l1"), "recon_loss='l1' is unknown; pick one of mse, fvu"),
+    (dict(init_encoder_norm=0.0), "init_encoder_norm=0.0 must be > 0"),
+    (dict(init_encoder_norm=0.5, calibrate_init=True), "drop it or set calibrate_init false"),
 ])
 def test_bad_training_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -370,7 +381,8 @@ def test_a_spike_batch_moves_a_clipped_coder_less(tmp_path):
     """One batch with a token 1000x the others' norm: without clipping its gradient dominates
     Adam's second moments; with grad_clip the step after it is as large as the steps before."""
     def run(out, clip):
-        cfg = TrainConfig(k=3, grad_clip=clip, **{**BASE, "tokens": 256 * 6, "lr_warmup": 0.0})
+        cfg = TrainConfig(k=3, grad_clip=clip, recon_loss="mse",  # fvu would shrink the spike too
+                          **{**BASE, "tokens": 256 * 6, "lr_warmup": 0.0})
         tr = _trainer(out, [CoderSpec("c", HOOKPOINT, cfg)])
         norms = []
         step = tr._step

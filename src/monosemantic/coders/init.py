@@ -20,8 +20,9 @@
    since thresholds make the map not homogeneous) so that the mean norm of the initial
    reconstruction minus b_dec equals that of target - b_dec. We match norms rather than fit the
    least-squares scale because for an untied random decoder the least-squares scale is ~0.
-   With calibrate=False the encoder rows are left at unit norm instead (an SAE's W_enc then equals
-   W_dec exactly, as dictionary-learning initialises its TopK SAE).
+   With calibrate=False every encoder row gets norm `encoder_norm` instead: 1 makes an SAE's W_enc
+   equal W_dec exactly, as dictionary-learning initialises its TopK SAE; 1/sqrt(3) is nn.Linear's
+   Kaiming-uniform scale, with which sparsify starts.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _calibrate_scale(coder: SparseCoder, x: Tensor, target: Tensor, iters: int =
 @torch.no_grad()
 def initialize(coder: SparseCoder, sample: Tensor, target: Tensor | None = None,
                method: str = "transpose", bias: str = "geometric_median", seed: int = 0,
-               calibrate: bool = True) -> None:
+               calibrate: bool = True, encoder_norm: float = 1.0) -> None:
     """Initialise `coder` in place from sample [N, D_in] (and target [N, D_out] for transcoders;
     an SAE's target is its sample). See the module docstring for the steps."""
     cfg = coder.cfg
@@ -177,7 +178,7 @@ def initialize(coder: SparseCoder, sample: Tensor, target: Tensor | None = None,
         w_dec = _unit_rows(w_enc if tied else torch.randn(f, cfg.d_output, generator=gen))
 
     if not calibrate:
-        w_enc = _unit_rows(w_enc)
+        w_enc = _unit_rows(w_enc) * encoder_norm
     kw = {"device": coder.device, "dtype": coder.dtype}
     w_enc, w_dec = w_enc.to(**kw), w_dec.to(**kw)
     b_enc = torch.zeros(f, **kw) if cfg.kind == "sae" else -(w_enc @ centre_in.to(**kw))

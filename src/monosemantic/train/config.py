@@ -5,13 +5,14 @@ Defaults follow Gao et al. 2024 ("Scaling and evaluating sparse autoencoders") f
 tokens or a tenth of the budget, whichever is smaller) and Anthropic's April 2024 update for the
 penalty family (L1 weighted by decoder norms, coefficient warm-up over the first 5%, resampling of
 dead features). For every architecture: LR warm-up over the first 5% then constant (Anthropic's
-decay over the last 20% is lr_decay=0.2; it did worse here). TopK trains as dictionary-learning
-does (inputs at unit scale, encoder rows at unit norm, no gradient clip: one epoch on SmolLM2 layer
-15 at the best LR, three seeds, FVU 0.083 against 0.114 for the settings below and 0.087 for
-dictionary-learning). BatchTopK and the penalty family keep inputs at sqrt(D) scale (in which the
-penalty coefficients, bandwidth and threshold are quoted), a calibrated encoder and the gradient
-norm clipped at 1 (massive-activation tokens make rare huge gradients): BatchTopK did much worse
-with TopK's settings (FVU 0.122 against 0.079 at k 50). BENCHMARKS.md.
+decay over the last 20% is lr_decay=0.2; it did worse here). TopK trains on inputs at unit scale
+with no gradient clip, as dictionary-learning does, on sparsify's per-batch FVU loss, from
+uncalibrated encoder rows of nn.Linear's Kaiming scale (1/sqrt(3)) tied in direction to the unit
+decoder rows. BatchTopK and the penalty family keep inputs at sqrt(D) scale (in which the penalty
+coefficients, bandwidth and threshold are quoted), a calibrated encoder, the gradient norm clipped
+at 1 (massive-activation tokens make rare huge gradients) and the squared error: BatchTopK did
+worse with TopK's settings (FVU 0.122 and 0.084 against 0.079 at k 50). BENCHMARKS.md [O1.3] has
+the one-epoch runs on SmolLM2 layer 15 behind each choice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 PENALTY_ACTIVATIONS = ("relu", "gated", "jumprelu")
 RECON_LOSSES = ("mse", "fvu")
+TOPK_ENCODER_NORM = 3 ** -0.5
+"""TopK's initial encoder row norm: nn.Linear's Kaiming-uniform rows, U(-1/sqrt(D), 1/sqrt(D))."""
 
 
 def _optional_bool(text: str) -> bool:
@@ -96,13 +99,14 @@ class TrainConfig:
     unclipped, 0.42 clipped at 1). At TopK's unit scale and best LR the clip instead shrinks
     exactly the steps that teach the features of those tokens (their relative error 0.099
     clipped, 0.033 not; BENCHMARKS.md)."""
-    recon_loss: str = "mse"
+    recon_loss: str | None = None
     """The reconstruction loss: mse (squared error summed over dimensions, mean over tokens) or
-    fvu (the same divided by the batch's total variance per token, sparsify's loss). Under Adam a
-    constant factor changes nothing; a per-batch one weighs each batch by 1 / its variance, so a
-    batch holding a massive-activation token moves the coder less. The whole loss (AuxK, the
-    penalty) is divided by the same number, so the coefficients keep their meaning. Local steps
-    only: the spliced steps of e2e losses have no reconstruction term."""
+    fvu (the same divided by the batch's total variance per token, sparsify's loss); unset = fvu
+    for topk, mse for the others. Under Adam a constant factor changes nothing; a per-batch one
+    weighs each batch by 1 / its variance, so a batch holding a massive-activation token moves the
+    coder less. The whole loss (AuxK, the penalty) is divided by the same number, so the
+    coefficients keep their meaning. Local steps only: the spliced steps of e2e losses have no
+    reconstruction term."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -114,8 +118,13 @@ class TrainConfig:
     """Initial decoder bias: geometric_median, mean or zero."""
     calibrate_init: bool | None = dataclasses.field(default=None, metadata=_OPTIONAL_FLAG)
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
-    false leaves its rows at unit norm (a tied SAE's W_enc = W_dec, dictionary-learning's init).
-    Unset = false for topk, true for the others."""
+    false gives every encoder row the norm init_encoder_norm instead. Unset = false for topk, true
+    for the others."""
+    init_encoder_norm: float | None = None
+    """Norm of every initial encoder row when it is not calibrated (calibrate_init false; the
+    decoder rows are unit norm either way); unset = 1/sqrt(3) for topk (nn.Linear's
+    Kaiming-uniform scale, as sparsify starts), 1 otherwise (W_enc = W_dec of a tied SAE, as
+    dictionary-learning starts)."""
     normalize: bool = True
     """Train on inputs scaled by one constant so that E||x||^2 = input_norm^2 (folded into the
     saved weights), the mean taken over the first batch's typical tokens (outliers, by
@@ -176,6 +185,11 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be >= 0 (0 = automatic)")
         if self.input_norm is not None and self.input_norm < 0:
             raise ValueError(f"input_norm={self.input_norm} must be >= 0 (0 = sqrt(input width))")
+        if self.init_encoder_norm is not None and not self.init_encoder_norm > 0:
+            raise ValueError(f"init_encoder_norm={self.init_encoder_norm} must be > 0")
+        if self.init_encoder_norm is not None and self.calibrate_init:
+            raise ValueError(f"init_encoder_norm={self.init_encoder_norm} sets the scale of an "
+                             "encoder that is not calibrated: drop it or set calibrate_init false")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
         if self.n_features < 0 or self.expansion < 1:
@@ -185,7 +199,7 @@ class TrainConfig:
         if not (self.jumprelu_bandwidth > 0 and self.jumprelu_init_threshold > 0):
             raise ValueError(f"jumprelu_bandwidth={self.jumprelu_bandwidth} and jumprelu_init_threshold="
                              f"{self.jumprelu_init_threshold} must both be > 0")
-        if self.recon_loss not in RECON_LOSSES:
+        if self.recon_loss is not None and self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"recon_loss={self.recon_loss!r} is unknown; pick one of "
                              f"{', '.join(RECON_LOSSES)}")
         if self.outlier_multiple < 0:
@@ -216,11 +230,20 @@ class TrainConfig:
         else:
             resample = ()
         topk = self.activation == "topk"  # BatchTopK did worse so (config docstring)
+        calibrate = not topk if self.calibrate_init is None else self.calibrate_init
+        if calibrate and self.init_encoder_norm is not None:
+            raise ValueError(f"init_encoder_norm={self.init_encoder_norm} sets the scale of an "
+                             f"encoder that is not calibrated, but {self.activation}'s encoder is "
+                             "calibrated by default: also set calibrate_init false")
         return Resolved(n_features=n_features, steps=steps, lr=lr, dead_tokens=dead,
                         k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample,
                         grad_clip=(0.0 if topk else 1.0) if self.grad_clip is None else self.grad_clip,
                         input_norm=(1.0 if topk else 0.0) if self.input_norm is None else self.input_norm,
-                        calibrate_init=not topk if self.calibrate_init is None else self.calibrate_init)
+                        calibrate_init=calibrate,
+                        init_encoder_norm=((TOPK_ENCODER_NORM if topk and not calibrate else 1.0)
+                                           if self.init_encoder_norm is None
+                                           else self.init_encoder_norm),
+                        recon_loss=("fvu" if topk else "mse") if self.recon_loss is None else self.recon_loss)
 
 
 @dataclass(frozen=True)
@@ -237,6 +260,8 @@ class Resolved:
     input_norm: float
     """0 = sqrt(D)."""
     calibrate_init: bool
+    init_encoder_norm: float
+    recon_loss: str
 
 
 def lr_factor(step: int, steps: int, warmup: float, decay: float) -> float:

@@ -196,7 +196,8 @@ class Trainer:
                                 else math.sqrt((target ** 2 or yt.shape[1])
                                                / float(yt.pow(2).sum(1).mean())))
             initialize(st.coder, x * st.scale_in, None if c.kind == "sae" else y * st.scale_out,
-                       method=c.init, bias=c.bias_init, seed=c.seed, calibrate=st.res.calibrate_init)
+                       method=c.init, bias=c.bias_init, seed=c.seed, calibrate=st.res.calibrate_init,
+                       encoder_norm=st.res.init_encoder_norm)
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class Trainer:
                 err = (y - pred).detach()
                 resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
                 loss = loss + c.auxk_coef * auxk * resid_var
-        fvu_loss = c.recon_loss == "fvu"
+        fvu_loss = st.res.recon_loss == "fvu"
         if fvu_loss:  # per token -> over the (global) batch's total variance
             loss = loss * (x.shape[0] / total.clamp_min(torch.finfo(torch.float32).tiny))
         if not torch.isfinite(loss):
@@ -417,7 +418,8 @@ class Trainer:
                 "normalization": {"in_scale": st.scale_in, "out_scale": st.scale_out},
                 "final": st.last, "lr": st.res.lr, "dead_tokens": st.res.dead_tokens,
                 "grad_clip": st.res.grad_clip, "input_norm": st.res.input_norm or math.sqrt(st.coder.cfg.d_in),
-                "calibrate_init": st.res.calibrate_init})
+                "calibrate_init": st.res.calibrate_init, "init_encoder_norm": st.res.init_encoder_norm,
+                "recon_loss": st.res.recon_loss})
         self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
         return coders
 
