@@ -37,11 +37,11 @@ def test_training_learns_something_real(trained):
                           exclude_ids=special_token_ids(lm.tokenizer), progress=False)["sae"]
     print(res.scalars())
     assert res.recon.l0 == pytest.approx(32.0)
-    assert res.recon.fvu < 0.6           # measured 0.35 after 64 steps (0.43 before TopK's unit scale)
+    assert res.recon.fvu < 0.6           # measured 0.34 after 64 steps (0.43 before TopK's unit scale)
     assert res.ce_clean == pytest.approx(2.6, abs=0.6)  # the clean model on held-out pydoc text
     assert res.ce_clean < res.ce_spliced < res.ce_zero
     assert 0.8 < res.ce_loss_recovered <= 1.0  # measured 0.95 (0.92)
-    assert 0 < res.kl < 2.0                       # measured 0.75 (1.06)
+    assert 0 < res.kl < 2.0                       # measured 0.72 (1.06)
     # features that never fired on these 1k tokens: measured 0.11 (TopK's unit-scale defaults at
     # this LR leave more unfired than the old settings' < 0.1)
     assert res.recon.dead_fraction < 0.2
