@@ -11,8 +11,8 @@ uncalibrated encoder rows of nn.Linear's Kaiming scale (1/sqrt(3)) tied in direc
 decoder rows. BatchTopK and the penalty family keep inputs at sqrt(D) scale (in which the penalty
 coefficients, bandwidth and threshold are quoted), a calibrated encoder, the gradient norm clipped
 at 1 (massive-activation tokens make rare huge gradients) and the squared error: BatchTopK did
-worse with TopK's settings (FVU 0.122 and 0.084 against 0.079 at k 50). BENCHMARKS.md [O1.3] has
-the one-epoch runs on SmolLM2 layer 15 behind each choice.
+worse with TopK's settings (FVU 0.122 with its earlier ones, 0.084 with these, against 0.077-0.079
+at k 50). BENCHMARKS.md [O1.3] has the runs on SmolLM2 layer 15 behind each choice.
 """
 
 from __future__ import annotations
