@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from monosemantic.coders import CoderConfig, build_coder
-from monosemantic.coders.sparse import BatchTopKSelection, TopKSelection, sparse_decode, sparse_encode
+from monosemantic.coders.sparse import (DENSE_ABOVE, BatchTopKSelection, TopKSelection, _t_matmul,
+                                        sparse_decode, sparse_encode)
 from monosemantic.train import TrainConfig
 from monosemantic.train.loop import CoderSpec, Trainer
 
@@ -155,3 +156,18 @@ def test_trainer_sparse_path_equals_eager(tmp_path, activation):
         assert trainer.states[0].dead.dead_mask.any()  # AuxK took part
     for (name, a), b in zip(coders[True].state_dict().items(), coders[False].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("n_features,k", [(64, 2), (64, 40), (10, 10)])
+def test_weight_gradient_product_is_the_same_sparse_or_dense(n_features, k):
+    """S^T @ X goes through a dense S above DENSE_ABOVE; either way it is the product."""
+    gen = torch.Generator().manual_seed(0)
+    vals, idx = torch.randn(30, n_features, generator=gen).topk(k, dim=1)
+    idx, order = idx.sort(dim=1)
+    vals = vals.gather(1, order)
+    dense = torch.zeros(30, n_features).scatter(1, idx, vals)
+    offsets = torch.arange(0, 30 * k + 1, k)
+    rhs = torch.randn(30, 7, generator=gen)
+    assert (k / n_features > DENSE_ABOVE) == (k > 6)  # both branches are taken
+    torch.testing.assert_close(_t_matmul(offsets, idx.flatten(), vals.flatten(), n_features, rhs),
+                               dense.T @ rhs)
