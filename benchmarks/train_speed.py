@@ -316,15 +316,21 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
            args.hookpoint, "--tokens", str(tokens), "--batch-size", str(args.batch_size),
            "--n-features", str(args.n_features), "--k", str(args.k), "--eval-tokens", "0",
            "--out", str(folder / "ours")]
+    def drop_harvest_caches() -> None:
+        """A cache for this token count (this harvest's, or one an earlier command left) is
+        removed, so that our run harvests instead of reading it."""
+        for c in list_caches():
+            if c.request.n_tokens == tokens and c.folder != cache.folder and c.request.split == "train":
+                shutil.rmtree(c.folder, ignore_errors=True)
+
+    drop_harvest_caches()
     t0 = time.perf_counter()
     ran = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                          timeout=args.timeout)
     wall = time.perf_counter() - t0
     if ran.returncode != 0:
         raise RuntimeError(f"monosemantic train failed:\n{ran.stdout[-3000:]}")
-    for c in list_caches():  # the harvest made a cache for this token count: drop it
-        if c.request.n_tokens == tokens and c.folder != cache.folder and c.request.split == "train":
-            shutil.rmtree(c.folder, ignore_errors=True)
+    drop_harvest_caches()
     # both timed as whole processes (interpreter start, imports, model load, data, training,
     # saving: what a user waits for); "load to end" is sparsify's Trainer timed from its model load
     rows = [{"impl": "sparsify Trainer (model + tokens)", "tokens": sp["tokens"],
