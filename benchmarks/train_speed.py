@@ -344,13 +344,18 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_setup_args(p: argparse.ArgumentParser) -> None:
+    """The table's data and coder: the cache, the hookpoint, the SAE's size and the batch."""
     p.add_argument("--cache", default="", help="training activation cache folder (default: found)")
     p.add_argument("--hookpoint", default="model.layers.15")
     p.add_argument("--n-features", type=int, default=9216)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=4096)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_setup_args(p)
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     p.add_argument("--rounds", type=int, default=3, help="A B C D rounds of the speed test (0: none)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per worker and round")

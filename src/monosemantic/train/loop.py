@@ -273,7 +273,9 @@ class Trainer:
             pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
         recon = F.mse_loss(pred, y, reduction="sum") / max(1, y.shape[0])  # no [B, D] error kept
         loss = recon + loss
-        total = self._total_variance(y)
+        fvu_loss = st.res.recon_loss == "fvu"
+        local_total = (y - y.mean(0)).pow(2).sum().detach()  # this rank's rows' variance
+        total = self._global_variance(y) if fvu_loss and self.parallel.mode == "data" else local_total
         if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
             penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
             loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
@@ -284,7 +286,6 @@ class Trainer:
                 err = (y - pred).detach()
                 resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
                 loss = loss + c.auxk_coef * auxk * resid_var
-        fvu_loss = st.res.recon_loss == "fvu"
         if fvu_loss:  # per token -> over the (global) batch's total variance
             loss = loss * (x.shape[0] / total.clamp_min(torch.finfo(torch.float32).tiny))
         if not torch.isfinite(loss):
@@ -304,7 +305,7 @@ class Trainer:
             gen = torch.Generator().manual_seed(c.seed * 100003 + step)
             resample_dead(coder, st.opt, *self.parallel.gather_rows(x, y), st.dead.dead_mask, gen)
         with torch.no_grad():
-            st.last = {"loss": float(loss), "fvu": float(self._local_fvu(recon, y, total)),
+            st.last = {"loss": float(loss), "fvu": float(recon * y.shape[0] / local_total),
                        "l0": (float((out.acts > 0).sum(-1).float().mean()) if sparse is None
                               else sparse.active.l0()),
                        "dead": st.dead.dead_fraction, "lr": st.opt.param_groups[0]["lr"]}
@@ -312,22 +313,14 @@ class Trainer:
                 st.last["grad_norm"] = grad_norm
 
     @torch.no_grad()
-    def _total_variance(self, y: Tensor) -> Tensor:
-        """sum over the batch of ||y - mean(y)||^2; data-parallel: over the global batch (about the
-        global mean), the same on every rank."""
-        if self.parallel.mode != "data":
-            return (y - y.mean(0)).pow(2).sum()
+    def _global_variance(self, y: Tensor) -> Tensor:
+        """Data-parallel: sum over the global batch of ||y - mean(y)||^2 (about the global mean),
+        from every rank's sums, the same on every rank."""
         stats = torch.cat([y.sum(0, dtype=torch.float64), y.pow(2).sum(dtype=torch.float64)[None],
                            y.new_tensor([y.shape[0]], dtype=torch.float64)])
         stats = self.parallel.sum(stats, "summing the batch's variance")
         s, sq, n = stats[:-2], stats[-2], stats[-1].clamp_min(1)
         return (sq - s.pow(2).sum() / n).clamp_min(0).to(y.dtype)
-
-    def _local_fvu(self, recon: Tensor, y: Tensor, total: Tensor) -> Tensor:
-        """This rank's rows' FVU (the progress bar's figure): squared error over their variance."""
-        if self.parallel.mode == "data":
-            total = (y - y.mean(0)).pow(2).sum()
-        return recon * y.shape[0] / total
 
     def _xy(self, st: _State, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         x = batch[st.spec.hookpoint].to(self.device, torch.float32)
