@@ -1,7 +1,7 @@
 """Do TopK's training defaults suit transcoders too: a TopK transcoder of SmolLM2 layer 15's MLP
 (post_attention_layernorm -> mlp), 200k cached wiki-vital tokens, batch 1,024, k 32, 4,608
 features, trained with TopK's settings of 6e22183 (squared error, unit encoder rows) and of
-552cdee (per-batch FVU loss, rows of norm 1/sqrt(3)) at two LRs, seed 0, all from one pass; FVU
+c8d1055 (per-batch FVU loss, rows of norm 1/sqrt(3)) at two LRs, seed 0, all from one pass; FVU
 of the MLP output on 16,384 eval-split tokens.
 
     python benchmarks/transcoder_settings.py
