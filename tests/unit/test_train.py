@@ -230,6 +230,7 @@ def test_command_line_sets_or_leaves_the_architecture_dependent_options():
     (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
     (dict(recon_loss="l1"), "recon_loss='l1' is unknown; pick one of mse, fvu"),
     (dict(init_encoder_norm=0.0), "init_encoder_norm=0.0 must be > 0"),
+    (dict(batch_size=1, tokens=10), "the fvu loss divides by the batch's variance"),
     (dict(init_encoder_norm=0.5, calibrate_init=True), "drop it or set calibrate_init false"),
 ])
 def test_bad_training_options(kwargs, match):

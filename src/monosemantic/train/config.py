@@ -105,8 +105,8 @@ class TrainConfig:
     for topk, mse for the others. Under Adam a constant factor changes nothing; a per-batch one
     weighs each batch by 1 / its variance, so a batch holding a massive-activation token moves the
     coder less. The whole loss (AuxK, the penalty) is divided by the same number, so the
-    coefficients keep their meaning. Local steps only: the spliced steps of e2e losses have no
-    reconstruction term."""
+    coefficients keep their meaning (a batch left with no variance at all is taken as mse). Local
+    steps only: the spliced steps of e2e losses have no reconstruction term."""
     beta1: float = 0.9
     """Adam beta1."""
     beta2: float = 0.999
@@ -202,8 +202,19 @@ class TrainConfig:
         if self.recon_loss is not None and self.recon_loss not in RECON_LOSSES:
             raise ValueError(f"recon_loss={self.recon_loss!r} is unknown; pick one of "
                              f"{', '.join(RECON_LOSSES)}")
+        if self.resolved_recon_loss == "fvu" and self.batch_size < 2:
+            raise ValueError(f"batch_size={self.batch_size}: the fvu loss divides by the batch's "
+                             "variance, which one row does not have; use a larger batch or "
+                             "recon_loss mse")
         if self.outlier_multiple < 0:
             raise ValueError(f"outlier_multiple={self.outlier_multiple} must be >= 0 (0 = off)")
+
+    @property
+    def resolved_recon_loss(self) -> str:
+        """recon_loss, or the architecture's default when unset (fvu for topk, mse otherwise)."""
+        if self.recon_loss is not None:
+            return self.recon_loss
+        return "fvu" if self.activation == "topk" else "mse"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -243,7 +254,7 @@ class TrainConfig:
                         init_encoder_norm=((TOPK_ENCODER_NORM if topk and not calibrate else 1.0)
                                            if self.init_encoder_norm is None
                                            else self.init_encoder_norm),
-                        recon_loss=("fvu" if topk else "mse") if self.recon_loss is None else self.recon_loss)
+                        recon_loss=self.resolved_recon_loss)
 
 
 @dataclass(frozen=True)

@@ -286,8 +286,8 @@ class Trainer:
                 err = (y - pred).detach()
                 resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
                 loss = loss + c.auxk_coef * auxk * resid_var
-        if fvu_loss:  # per token -> over the (global) batch's total variance
-            loss = loss * (x.shape[0] / total.clamp_min(torch.finfo(torch.float32).tiny))
+        if fvu_loss and total > 0:  # per token -> over the (global) batch's total variance
+            loss = loss * (x.shape[0] / total)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"coder {st.spec.name}: the loss became {float(loss)} at step "
                                      f"{step}; lower --lr (now {st.res.lr:.3g}) or --coef. The last "
