@@ -187,9 +187,11 @@ class TrainConfig:
             raise ValueError(f"input_norm={self.input_norm} must be >= 0 (0 = sqrt(input width))")
         if self.init_encoder_norm is not None and not self.init_encoder_norm > 0:
             raise ValueError(f"init_encoder_norm={self.init_encoder_norm} must be > 0")
-        if self.init_encoder_norm is not None and self.calibrate_init:
+        if self.init_encoder_norm is not None and self.resolved_calibrate_init:
+            why = (": drop it or set calibrate_init false" if self.calibrate_init else
+                   f", but {self.activation}'s encoder is calibrated by default: also set calibrate_init false")
             raise ValueError(f"init_encoder_norm={self.init_encoder_norm} sets the scale of an "
-                             "encoder that is not calibrated: drop it or set calibrate_init false")
+                             f"encoder that is not calibrated{why}")
         if self.grad_clip is not None and self.grad_clip < 0:
             raise ValueError(f"grad_clip={self.grad_clip} must be >= 0 (0 = no clipping)")
         if self.n_features < 0 or self.expansion < 1:
@@ -208,6 +210,11 @@ class TrainConfig:
                              "recon_loss mse")
         if self.outlier_multiple < 0:
             raise ValueError(f"outlier_multiple={self.outlier_multiple} must be >= 0 (0 = off)")
+
+    @property
+    def resolved_calibrate_init(self) -> bool:
+        """calibrate_init, or the architecture's default when unset (false for topk only)."""
+        return self.activation != "topk" if self.calibrate_init is None else self.calibrate_init
 
     @property
     def resolved_recon_loss(self) -> str:
@@ -241,11 +248,7 @@ class TrainConfig:
         else:
             resample = ()
         topk = self.activation == "topk"  # BatchTopK did worse so (config docstring)
-        calibrate = not topk if self.calibrate_init is None else self.calibrate_init
-        if calibrate and self.init_encoder_norm is not None:
-            raise ValueError(f"init_encoder_norm={self.init_encoder_norm} sets the scale of an "
-                             f"encoder that is not calibrated, but {self.activation}'s encoder is "
-                             "calibrated by default: also set calibrate_init false")
+        calibrate = self.resolved_calibrate_init
         return Resolved(n_features=n_features, steps=steps, lr=lr, dead_tokens=dead,
                         k_aux=self.k_aux or max(1, d_in // 2), resample_steps=resample,
                         grad_clip=(0.0 if topk else 1.0) if self.grad_clip is None else self.grad_clip,
