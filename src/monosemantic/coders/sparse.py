@@ -13,7 +13,10 @@ For a top-k-family coder on a batch x [B, D_in] with F features and about K acti
               d b_dec = sum of d out - (column sums of d pre) @ W_enc
 
 so everything after the encoder GEMM costs O(B·K·D) rather than O(B·F·D), no [B, F] tensor is
-materialised in the backward, and no [B, K, D] gather either. The gradients are those of the eager
+materialised in the backward, and no [B, K, D] gather either. On the CPU, with a C compiler, three
+steps run in compiled kernels (coders/kernels.py): TopK's selection adds b_enc as it scans the GEMM's
+block (one pass, no bias broadcast), and the weight gradients and the decoder's d acts are computed
+feature by feature from a counting sort of the entries, d W_dec and d acts in one pass. The gradients are those of the eager
 reference (`SparseCoder.forward` + autograd) up to float rounding; tests/unit/test_sparse.py
 checks loss and every gradient for each architecture that takes this path.
 
@@ -29,6 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F_
 from torch import Tensor
+
+from . import kernels
 
 CHUNK_ROWS = 512
 """Rows per encoder block: a [512, F] float32 block is 18 MB at F = 9216, so it is still cached
@@ -96,7 +101,17 @@ class TopKSelection(Selection):
 
     def block(self, pre: Tensor):
         vals, idx = pre.topk(self.k, dim=-1, sorted=False)
-        counts = torch.full((pre.shape[0],), self.k, dtype=torch.int64, device=pre.device)
+        return self._part(vals, idx)
+
+    def block_bias(self, pre: Tensor, bias: Tensor):
+        """block(pre + bias), through the compiled kernel (`kernels.topk_bias`): no pass to add
+        the bias, no copy of the rows."""
+        if self.k > pre.shape[1]:
+            raise RuntimeError(f"selected index k out of range: k = {self.k} of {pre.shape[1]} features")
+        return self._part(*kernels.topk_bias(pre, bias, self.k))
+
+    def _part(self, vals: Tensor, idx: Tensor):
+        counts = torch.full((vals.shape[0],), self.k, dtype=torch.int64, device=vals.device)
         return counts, idx.flatten(), vals.flatten()
 
 
@@ -170,11 +185,17 @@ F (4 ms at F = 116, 42 ms at 2,000): they cross between 3% and 14%. AuxK over a 
 features selects nearly all of them for every token (k_aux = D / 2)."""
 
 
+def _dense(offsets: Tensor, values: Tensor, n_features: int) -> bool:
+    return values.numel() > DENSE_ABOVE * (offsets.numel() - 1) * n_features
+
+
 def _t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, rhs: Tensor) -> Tensor:
     """S^T @ rhs [F, D] for the [B, F] active set S given as CSR parts."""
     S = _csr(offsets, index, values, n_features)
-    if values.numel() > DENSE_ABOVE * (offsets.numel() - 1) * n_features:
+    if _dense(offsets, values, n_features):
         return S.to_dense().T @ rhs
+    if kernels.usable_for(values, rhs):
+        return kernels.t_matmul(offsets, index, values, n_features, rhs)[0]
     return S.t() @ rhs
 
 
@@ -195,10 +216,13 @@ class _Encode(torch.autograd.Function):
         # one [chunk, F] block reused for every chunk (no fresh pages per chunk); selections copy
         # what they keep out of it
         block = xin.new_empty(min(chunk, xin.shape[0]), W_enc.shape[0])
+        # TopK with the compiled kernels: the GEMM without the bias, which the selection adds
+        fused = isinstance(select, TopKSelection) and kernels.usable_for(xin, W_enc, b_enc)
         while True:
-            parts = [select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T,
-                                              out=block[:min(chunk, xin.shape[0] - i)]))
-                     for i in range(0, xin.shape[0], chunk)]
+            parts = [select.block_bias(torch.mm(xin[i:i + chunk], W_enc.T, out=blk), b_enc) if fused
+                     else select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T, out=blk))
+                     for i in range(0, xin.shape[0], chunk)
+                     for blk in [block[:min(chunk, xin.shape[0] - i)]]]
             if not parts:  # an empty batch
                 result = (x.new_zeros(0, dtype=torch.int64),) * 2 + (x.new_zeros(0),)
                 break
@@ -243,6 +267,12 @@ class _Decode(torch.autograd.Function):
         values, index, offsets, W_dec = ctx.saved_tensors
         d_values = d_W = None
         d_out = d_out.contiguous()
+        n_features = W_dec.shape[0]
+        if (all(ctx.needs_input_grad[i] for i in (0, 3)) and not _dense(offsets, values, n_features)
+                and kernels.usable_for(values, d_out, W_dec)):
+            # both in one pass over the entries (each d_out row read once, not twice)
+            d_W, d_values = kernels.t_matmul(offsets, index, values, n_features, d_out, W_dec)
+            return d_values, None, None, d_W
         if ctx.needs_input_grad[0]:
             pattern = _csr(offsets, index, torch.ones_like(values), W_dec.shape[0])
             d_values = torch.sparse.sampled_addmm(pattern, d_out, W_dec.T, beta=0.0).values()

@@ -1,0 +1,335 @@
+/* The sparse path's fused CPU kernels (coders/kernels.py compiles this file once with the
+ * machine's C compiler and calls it through ctypes; without a compiler the path runs on PyTorch
+ * ops alone, with the same results up to float rounding).
+ *
+ * Every kernel splits its work over `threads` threads (parallel_for). Tensors are contiguous float32 /
+ * int64 buffers passed as raw pointers; shapes: B rows, F features, D width, N active entries
+ * of a CSR matrix [B, F] given as offsets [B + 1], index [N], values [N].
+ */
+#if defined(__AVX__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*range_fn)(void *arg, int64_t start, int64_t end);
+
+#ifndef _OPENMP
+typedef struct {
+    range_fn fn;
+    void *arg;
+    int64_t start, end;
+} job_t;
+
+static void *run_job(void *p) {
+    job_t *j = (job_t *)p;
+    j->fn(j->arg, j->start, j->end);
+    return NULL;
+}
+#endif
+
+/* fn(arg, start, end) over [0, n) split into `threads` contiguous ranges at the cut points
+ * `cuts` (threads + 1 entries) or evenly when cuts is NULL. Built with OpenMP, the ranges run on
+ * the process's OpenMP threads, which are PyTorch's own (its libgomp.so.1 is already loaded, so
+ * this library binds to it): no second pool spinning against the first. Otherwise on POSIX
+ * threads made for the call. */
+static void parallel_for(range_fn fn, void *arg, int64_t n, int threads, const int64_t *cuts) {
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (threads > n) threads = n > 0 ? (int)n : 1;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++)
+        fn(arg, cuts ? cuts[t] : n * t / threads, cuts ? cuts[t + 1] : n * (t + 1) / threads);
+#else
+    job_t jobs[64];
+    pthread_t tids[64];
+    int started[64] = {0};
+    for (int t = 0; t < threads; t++) {
+        jobs[t].fn = fn;
+        jobs[t].arg = arg;
+        jobs[t].start = cuts ? cuts[t] : n * t / threads;
+        jobs[t].end = cuts ? cuts[t + 1] : n * (t + 1) / threads;
+    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&tids[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tids[t], NULL);
+        else run_job(&jobs[t]);  /* no thread to be had: run it here */
+    }
+#endif
+}
+
+/* ---- top-k of each row of (pre + bias), unsorted ------------------------------------------ */
+
+typedef struct {
+    const float *pre, *bias;
+    int64_t n, ld, k;
+    float *vals;
+    int64_t *idx;
+} topk_args;
+
+static inline void sift_down(float *hv, int64_t *hi, int64_t k, int64_t i) {
+    float v = hv[i];
+    int64_t x = hi[i];
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= k) break;
+        if (c + 1 < k && hv[c + 1] < hv[c]) c++;
+        if (hv[c] >= v) break;
+        hv[i] = hv[c];
+        hi[i] = hi[c];
+        i = c;
+    }
+    hv[i] = v;
+    hi[i] = x;
+}
+
+#define GROUP 16
+
+/* the maximum of x[0:16] + b[0:16] */
+static inline float group_max(const float *x, const float *b) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_max_ps(_mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(b)));
+#else
+    float m = x[0] + b[0];
+    for (int i = 1; i < GROUP; i++) m = x[i] + b[i] > m ? x[i] + b[i] : m;
+    return m;
+#endif
+}
+
+/* <x, y> over D floats, in a fixed order (vector lanes, then a tree) */
+static inline float dot(const float *restrict x, const float *restrict y, int64_t D) {
+    int64_t d = 0;
+    float s = 0;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; d + 16 <= D; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(y + d), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; d + 8 <= D; d += 8)
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(y + d)));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc);
+    s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#else
+    float p[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (; d + 8 <= D; d += 8)
+        for (int i = 0; i < 8; i++) p[i] += x[d + i] * y[d + i];
+    s = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]));
+#endif
+    for (; d < D; d++) s += x[d] * y[d];
+    return s;
+}
+
+/* whether any of x[0:16] + b[0:16] is > thr */
+static inline int group_beats(const float *x, const float *b, float thr) {
+#if defined(__AVX512F__)
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(b));
+    return _mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), _CMP_GT_OQ) != 0;
+#elif defined(__AVX__)
+    __m256 t = _mm256_set1_ps(thr);
+    __m256 lo = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(b));
+    __m256 hi = _mm256_add_ps(_mm256_loadu_ps(x + 8), _mm256_loadu_ps(b + 8));
+    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(lo, t, _CMP_GT_OQ),
+                                           _mm256_cmp_ps(hi, t, _CMP_GT_OQ))) != 0;
+#else
+    int any = 0;
+    for (int i = 0; i < GROUP; i++) any |= x[i] + b[i] > thr;
+    return any;
+#endif
+}
+
+/* one row by a single scan: a min-heap of the k largest so far (hv[0] the smallest of them), and
+ * any 16 values none of which beats it skipped at once */
+static void topk_row_scan(const float *restrict x, const float *restrict b, int64_t n, int64_t k,
+                          float *hv, int64_t *hi) {
+    for (int64_t j = 0; j < k; j++) {
+        const float v = x[j] + b[j];
+        hv[j] = v == v ? v : -__builtin_inff();  /* NaN counts as -inf */
+        hi[j] = j;
+    }
+    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(hv, hi, k, i);
+    float thr = hv[0];
+    int64_t j = k;
+    for (; j < n && (j % GROUP); j++) {  /* to a group boundary */
+        float v = x[j] + b[j];
+        if (v > thr) { hv[0] = v; hi[0] = j; sift_down(hv, hi, k, 0); thr = hv[0]; }
+    }
+    for (; j + GROUP <= n; j += GROUP) {
+        if (!group_beats(x + j, b + j, thr)) continue;
+        for (int t = 0; t < GROUP; t++) {
+            float v = x[j + t] + b[j + t];
+            if (v > thr) { hv[0] = v; hi[0] = j + t; sift_down(hv, hi, k, 0); thr = hv[0]; }
+        }
+    }
+    for (; j < n; j++) {
+        float v = x[j] + b[j];
+        if (v > thr) { hv[0] = v; hi[0] = j; sift_down(hv, hi, k, 0); thr = hv[0]; }
+    }
+}
+
+/* one row in two passes: the maximum of each group of 16; tau = the k-th largest of those (k
+ * distinct values >= tau, so the row's k-th largest is >= tau and every selected value lies in a
+ * group whose maximum is >= tau); then only those groups (a few more than k) are offered to the
+ * heap. Returns 0 when the heap could not be filled (NaN or -inf rows): the caller scans. */
+static int topk_row_groups(const float *restrict x, const float *restrict b, int64_t n, int64_t k,
+                           float *hv, int64_t *hi, float *gmax) {
+    const int64_t groups = (n + GROUP - 1) / GROUP, full = n / GROUP;
+    for (int64_t g = 0; g < full; g++) gmax[g] = group_max(x + g * GROUP, b + g * GROUP);
+    if (full < groups) {
+        float m = -__builtin_inff();
+        for (int64_t j = full * GROUP; j < n; j++) m = x[j] + b[j] > m ? x[j] + b[j] : m;
+        gmax[full] = m;
+    }
+    for (int64_t i = 0; i < k; i++) { hv[i] = -__builtin_inff(); hi[i] = -1; }
+    for (int64_t g = 0; g < groups; g++)  /* the k largest group maxima: tau = hv[0] */
+        if (gmax[g] > hv[0]) { hv[0] = gmax[g]; hi[0] = g; sift_down(hv, hi, k, 0); }
+    const float tau = hv[0];
+    if (!(tau > -__builtin_inff())) return 0;
+    for (int64_t i = 0; i < k; i++) { hv[i] = -__builtin_inff(); hi[i] = -1; }
+    for (int64_t g = 0; g < groups; g++) {
+        if (!(gmax[g] >= tau)) continue;
+        const int64_t j1 = g + 1 < groups ? (g + 1) * GROUP : n;
+        for (int64_t j = g * GROUP; j < j1; j++) {
+            float v = x[j] + b[j];
+            if (v >= tau && v > hv[0]) { hv[0] = v; hi[0] = j; sift_down(hv, hi, k, 0); }
+        }
+    }
+    for (int64_t i = 0; i < k; i++)
+        if (hi[i] < 0) return 0;
+    return 1;
+}
+
+static void topk_rows(void *p, int64_t r0, int64_t r1) {
+    const topk_args *a = (const topk_args *)p;
+    const int64_t n = a->n, k = a->k, groups = (n + GROUP - 1) / GROUP;
+    /* two passes pay when the groups are many times k; otherwise (or without memory) one scan */
+    float *gmax = groups >= 4 * k ? (float *)malloc(groups * sizeof(float)) : NULL;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = a->pre + r * a->ld;
+        float *hv = a->vals + r * k;
+        int64_t *hi = a->idx + r * k;
+        if (!gmax || !topk_row_groups(x, a->bias, n, k, hv, hi, gmax))
+            topk_row_scan(x, a->bias, n, k, hv, hi);
+    }
+    free(gmax);
+}
+
+/* vals, idx [rows, k] = the k largest entries of each row of pre [rows, n] (row stride ld) plus
+ * bias [n], in no particular order. NaN counts as -inf (reported as -inf when a row has fewer
+ * than k other values). */
+void topk_bias(const float *pre, int64_t rows, int64_t n, int64_t ld, const float *bias, int64_t k,
+               float *vals, int64_t *idx, int threads) {
+    topk_args a = {pre, bias, n, ld, k, vals, idx};
+    parallel_for(topk_rows, &a, rows, threads, NULL);
+}
+
+/* ---- out [F, D] = S^T @ R for CSR S [B, F], dense R [B, D] ---------------------------------- */
+
+typedef struct {
+    const int64_t *start;  /* [F + 1] each feature's entries in the feature-sorted order */
+    const int64_t *rows;   /* [N] the row of each entry, feature-sorted */
+    const int64_t *ent;    /* [N] its position in the CSR arrays */
+    const float *values;
+    const float *R;
+    int64_t D, ldr;
+    float *out;
+    const float *W;        /* [F, D] or NULL */
+    float *dots;           /* [N] <R[row], W[feature]> per entry, or NULL */
+} tmm_args;
+
+static void tmm_features(void *p, int64_t f0, int64_t f1) {
+    const tmm_args *a = (const tmm_args *)p;
+    const int64_t D = a->D;
+    for (int64_t f = f0; f < f1; f++) {
+        float *restrict o = a->out + f * D;
+        const float *restrict w = a->W ? a->W + f * D : NULL;
+        int64_t e = a->start[f], e1 = a->start[f + 1];
+        if (e == e1) { memset(o, 0, D * sizeof(float)); continue; }
+        for (int64_t first = 1; e < e1; e++, first = 0) {
+            const float *restrict r = a->R + a->rows[e] * a->ldr;
+            const float v = a->values[a->ent[e]];
+            if (first)
+                for (int64_t d = 0; d < D; d++) o[d] = v * r[d];
+            else
+                for (int64_t d = 0; d < D; d++) o[d] += v * r[d];
+            if (w) a->dots[a->ent[e]] = dot(r, w, D);
+        }
+    }
+}
+
+/* out = S^T @ R, each feature's entries summed in row order (deterministic); with W and dots
+ * given, also dots[e] = <R[row of e], W[feature of e]> for every entry, in the same pass (the
+ * decoder's backward: d W_dec = acts^T @ d out and d acts = (d out @ W_dec^T) at the active
+ * entries read each d out row once). Returns 0, or -1 when out of memory (nothing written). */
+int t_matmul(const int64_t *offsets, const int64_t *index, const float *values, int64_t B,
+             int64_t F, const float *R, int64_t D, int64_t ldr, float *out, const float *W,
+             float *dots, int threads) {
+    const int64_t N = offsets[B];
+    int64_t *start = (int64_t *)calloc(F + 1, sizeof(int64_t));
+    int64_t *cursor = (int64_t *)malloc((F ? F : 1) * sizeof(int64_t));
+    int64_t *rows = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
+    int64_t *ent = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
+    int64_t cuts[65];
+    if (!start || !cursor || !rows || !ent) {
+        free(start); free(cursor); free(rows); free(ent);
+        return -1;
+    }
+    /* a counting sort of the entries by feature, rows ascending within each */
+    for (int64_t e = 0; e < N; e++) start[index[e] + 1]++;
+    for (int64_t f = 0; f < F; f++) start[f + 1] += start[f];
+    memcpy(cursor, start, F * sizeof(int64_t));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t e = offsets[b]; e < offsets[b + 1]; e++) {
+            int64_t pos = cursor[index[e]]++;
+            rows[pos] = b;
+            ent[pos] = e;
+        }
+    /* split the features so each thread gets about the same number of entries (plus rows) */
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (threads > F) threads = F > 0 ? (int)F : 1;
+    cuts[0] = 0;
+    int64_t f = 0;
+    for (int t = 1; t < threads; t++) {
+        const int64_t want = (N + F) * t / threads;
+        while (f < F && start[f] + f < want) f++;
+        cuts[t] = f;
+    }
+    cuts[threads] = F;
+    tmm_args a = {start, rows, ent, values, R, D, ldr, out, dots ? W : NULL, dots};
+    parallel_for(tmm_features, &a, F, threads, cuts);
+    free(start); free(cursor); free(rows); free(ent);
+    return 0;
+}
+
+/* ---- out [N] = <A[row of e], W[index[e]]> for each entry e (a sampled dense-dense product) ---- */
+
+typedef struct {
+    const int64_t *offsets, *index;
+    const float *A, *W;
+    int64_t D, lda;
+    float *out;
+} sdot_args;
+
+static void sdot_rows(void *p, int64_t b0, int64_t b1) {
+    const sdot_args *a = (const sdot_args *)p;
+    const int64_t D = a->D;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *restrict x = a->A + b * a->lda;
+        for (int64_t e = a->offsets[b]; e < a->offsets[b + 1]; e++)
+            a->out[e] = dot(x, a->W + a->index[e] * D, D);
+    }
+}
+
+void sampled_dot(const int64_t *offsets, const int64_t *index, int64_t B, const float *A,
+                 int64_t lda, const float *W, int64_t D, float *out, int threads) {
+    sdot_args a = {offsets, index, A, W, D, lda, out};
+    parallel_for(sdot_rows, &a, B, threads, NULL);
+}

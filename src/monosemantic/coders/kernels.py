@@ -1,0 +1,212 @@
+"""The sparse path's fused CPU kernels (kernels.c), compiled once per machine with its C compiler.
+
+Three kernels replace PyTorch ops in coders/sparse.py where they do work the math does not need:
+
+- `topk_bias(pre, bias, k)`: the k largest entries of each row of pre + bias. `torch.topk` copies
+  every row into (value, index) pairs and partially sorts them, and the bias needs its own pass
+  (addmm broadcasts it into the GEMM's output first); here one scan per row keeps a k-entry heap
+  and skips any 16 values none of which beats its smallest.
+- `t_matmul(offsets, index, values, F, R)`: S^T @ R [F, D] for a CSR S [B, F], by a counting sort
+  of the entries by feature and one pass per feature writing its output row once (no zero fill
+  of the [F, D] result, no CSR transposition through a general sort).
+- `sampled_dot(offsets, index, A, W)`: <A[b], W[f]> for each active entry (b, f).
+
+The shared library is built by `cc -O3 -march=native -shared` into the cache folder
+(`$MONOSEMANTIC_CACHE/kernels/`, keyed by the source, the compiler and the CPU's flags), written
+atomically, and loaded with ctypes: no Python headers, no pickles, about a second to compile.
+Without a C compiler (or with `MONOSEMANTIC_KERNELS=0`, or for tensors that are not contiguous
+float32 on the CPU) the sparse path uses PyTorch ops alone; both give the same results up to float
+rounding, which tests/unit/test_kernels.py checks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..utils import cache_dir
+
+log = logging.getLogger(__name__)
+
+ENV = "MONOSEMANTIC_KERNELS"
+"""Set to 0 to run the sparse path on PyTorch ops only."""
+
+SOURCE = Path(__file__).with_name("kernels.c")
+
+_lib = None
+_tried = False
+_lock = threading.Lock()
+_i64, _f32 = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels are in use (compiling them on first call)."""
+    return _load() is not None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        err = ""
+        # -fopenmp binds to PyTorch's OpenMP runtime (see kernels.c); without it, POSIX threads.
+        # Some compilers (or CPUs) have no -march=native or no OpenMP: try without them.
+        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+            cmd = [cc, "-O3", *flags, "-std=c99", "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", tmp]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return
+            err = r.stderr
+        raise RuntimeError(err.strip()[-2000:])
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+            return None
+        cc = _compiler()
+        if cc is None:
+            log.info("no C compiler found: the sparse path runs on PyTorch ops only")
+            return None
+        try:
+            version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+            key = hashlib.sha256(b"\0".join(s.encode() for s in (
+                SOURCE.read_text(), cc, version, platform.machine(), _cpu_flags()))).hexdigest()[:16]
+            path = cache_dir() / "kernels" / f"sparse-{key}.so"
+            if not path.exists():
+                _build(cc, path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("could not build the sparse path's C kernels (%s): using PyTorch ops only", e)
+            return None
+        lib.topk_bias.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _f32,
+                                  ctypes.c_int64, _f32, _i64, ctypes.c_int]
+        lib.topk_bias.restype = None
+        lib.t_matmul.argtypes = [_i64, _i64, _f32, ctypes.c_int64, ctypes.c_int64, _f32,
+                                 ctypes.c_int64, ctypes.c_int64, _f32, _f32, _f32, ctypes.c_int]
+        lib.t_matmul.restype = ctypes.c_int
+        lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64, _f32,
+                                    ctypes.c_int64, _f32, ctypes.c_int]
+        lib.sampled_dot.restype = None
+        _lib = lib
+        return _lib
+
+
+def _ptr(t: Tensor, kind):
+    return ctypes.cast(t.data_ptr(), kind)
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def usable_for(*tensors: Tensor) -> bool:
+    """Whether the kernels are in use and can take these float tensors (float32 on the CPU)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and enabled()
+
+
+def _check_csr(offsets: Tensor, index: Tensor, n_rows: int, n_features: int) -> None:
+    """The kernels index memory with these: refuse anything out of range."""
+    if offsets.dtype != torch.int64 or index.dtype != torch.int64:
+        raise TypeError("CSR offsets and index must be int64")
+    if offsets.numel() != n_rows + 1 or int(offsets[0]) != 0 or int(offsets[-1]) != index.numel() \
+            or (n_rows and bool((offsets.diff() < 0).any())):
+        raise ValueError(f"CSR offsets do not describe {n_rows} rows of {index.numel()} entries")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= n_features):
+        raise IndexError(f"CSR feature index out of range for {n_features} features")
+
+
+def topk_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values [rows, k], indices [rows, k] int64): the k largest entries of each row of
+    pre [rows, n] + bias [n], unsorted. pre's rows must be contiguous (any row stride)."""
+    rows, n = pre.shape
+    if not 0 <= k <= n or tuple(bias.shape) != (n,):
+        raise ValueError(f"topk_bias: k = {k} of {n} columns, bias {tuple(bias.shape)}")
+    if pre.stride(1) != 1:
+        pre = pre.contiguous()
+    bias = bias.detach().contiguous()
+    vals = pre.new_empty(rows, k)
+    idx = torch.empty(rows, k, dtype=torch.int64)
+    if rows and k:
+        _load().topk_bias(_ptr(pre, _f32), rows, n, pre.stride(0), _ptr(bias, _f32), k,
+                          _ptr(vals, _f32), _ptr(idx, _i64), _threads())
+    return vals, idx
+
+
+def t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, R: Tensor,
+             W: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """(S^T @ R [F, D], dots [N] or None) for the CSR matrix S [B, F] (offsets [B + 1], index [N],
+    values [N]) and R [B, D], each feature's entries summed in row order. With W [F, D], also
+    dots[e] = <R[b], W[f]> for each entry e = (b, f), in the same pass over R."""
+    offsets, index, values = offsets.contiguous(), index.contiguous(), values.detach().contiguous()
+    _check_csr(offsets, index, R.shape[0], n_features)
+    if values.numel() != index.numel() or (W is not None and tuple(W.shape) != (n_features, R.shape[1])):
+        raise ValueError("t_matmul: values must match index, and W be [n_features, D]")
+    if R.stride(1) != 1:
+        R = R.contiguous()
+    out = R.new_empty(n_features, R.shape[1])
+    dots = None
+    if W is not None:
+        W = W.detach().contiguous()
+        dots = R.new_empty(index.numel())
+    if _load().t_matmul(_ptr(offsets, _i64), _ptr(index, _i64), _ptr(values, _f32),
+                        offsets.numel() - 1, n_features, _ptr(R, _f32), R.shape[1], R.stride(0),
+                        _ptr(out, _f32), None if W is None else _ptr(W, _f32),
+                        None if dots is None else _ptr(dots, _f32), _threads()) != 0:
+        raise MemoryError("t_matmul: out of memory for the feature-sorted entries")
+    return out, dots
+
+
+def sampled_dot(offsets: Tensor, index: Tensor, A: Tensor, W: Tensor) -> Tensor:
+    """[N]: <A[b], W[index[e]]> for each entry e of row b of the CSR pattern (offsets, index);
+    A [B, D], W [F, D]."""
+    offsets, index, W = offsets.contiguous(), index.contiguous(), W.detach().contiguous()
+    _check_csr(offsets, index, A.shape[0], W.shape[0])
+    if A.shape[1] != W.shape[1]:
+        raise ValueError(f"sampled_dot: A is [B, {A.shape[1]}] but W is [F, {W.shape[1]}]")
+    if A.stride(1) != 1:
+        A = A.contiguous()
+    out = A.new_empty(index.numel())
+    _load().sampled_dot(_ptr(offsets, _i64), _ptr(index, _i64), offsets.numel() - 1, _ptr(A, _f32),
+                        A.stride(0), _ptr(W, _f32), W.shape[1], _ptr(out, _f32), _threads())
+    return out

@@ -1,0 +1,164 @@
+"""The compiled kernels of the sparse path (coders/kernels.c) against PyTorch's ops, and the sparse
+path with and without them."""
+
+import pytest
+import torch
+
+from monosemantic.coders import CoderConfig, build_coder, kernels
+from monosemantic.coders.sparse import _csr
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C compiler: kernels not built")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def _csr_parts(rows: int, n_features: int, k: int, gen: torch.Generator):
+    index = torch.stack([torch.randperm(n_features, generator=gen)[:k] for _ in range(rows)]).flatten()
+    offsets = torch.arange(0, rows * k + 1, k)
+    return offsets, index
+
+
+@pytest.mark.parametrize("n,k", [(9216, 32), (1000, 7), (130, 40), (37, 37), (50, 1), (16, 3)])
+def test_topk_bias_selects_what_torch_topk_selects(threads, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    big = torch.randn(70, n + 5, generator=gen)
+    pre = big[:, 2:n + 2]  # a row stride that is not the row length
+    bias = torch.randn(n, generator=gen)
+    vals, idx = kernels.topk_bias(pre, bias, k)
+    ref = (pre + bias).topk(k, dim=-1)
+    assert torch.equal(idx.sort(1).values, ref.indices.sort(1).values)
+    assert torch.equal(vals.sort(1).values, ref.values.sort(1).values)
+    assert torch.equal(vals, (pre + bias).gather(1, idx))  # each value is its own entry's
+
+
+@pytest.mark.parametrize("n,k", [(200, 60), (4000, 20)])  # one scan; group maxima first
+def test_topk_bias_rows_with_infinities_and_nan_give_valid_indices(threads, n, k):
+    pre = torch.randn(4, n)
+    pre[0] = float("-inf")  # nothing beats -inf: the scan's fallback still fills k slots
+    pre[1, :n - k + 10] = float("-inf")
+    pre[2, 7] = float("nan")  # NaN is never selected (torch.topk would rank it first)
+    pre[3, 5] = float("inf")
+    vals, idx = kernels.topk_bias(pre, torch.zeros(n), k)
+    assert bool(((idx >= 0) & (idx < n)).all())
+    assert all(len(set(r.tolist())) == k for r in idx)  # distinct features per row
+    assert set(idx[1].tolist()) >= set(range(n - k + 10, n))  # every finite one
+    assert 7 not in idx[2].tolist()
+    assert 5 in idx[3].tolist() and float(vals[3].max()) == float("inf")
+
+
+def test_topk_bias_refuses_bad_shapes():
+    with pytest.raises(ValueError, match="k = 9 of 8"):
+        kernels.topk_bias(torch.randn(2, 8), torch.zeros(8), 9)
+    with pytest.raises(ValueError, match="bias"):
+        kernels.topk_bias(torch.randn(2, 8), torch.zeros(7), 2)
+
+
+@pytest.mark.parametrize("n_features,k", [(300, 5), (64, 40), (5000, 3)])
+def test_t_matmul_and_fused_dots_match_torch(threads, n_features, k):
+    gen = torch.Generator().manual_seed(k)
+    rows, D = 257, 37
+    offsets, index = _csr_parts(rows, n_features, k, gen)
+    values = torch.randn(index.numel(), generator=gen)
+    R = torch.randn(rows, D + 3, generator=gen)[:, :D]  # strided rows
+    W = torch.randn(n_features, D, generator=gen)
+    dense = _csr(offsets, index, values, n_features).to_dense()
+    out, dots = kernels.t_matmul(offsets, index, values, n_features, R)
+    assert dots is None
+    torch.testing.assert_close(out, dense.T @ R, rtol=1e-5, atol=1e-5)
+    out2, dots = kernels.t_matmul(offsets, index, values, n_features, R, W)
+    assert torch.equal(out, out2)
+    rows_of = torch.repeat_interleave(torch.arange(rows), offsets.diff())
+    want = (R[rows_of] * W[index]).sum(-1)
+    torch.testing.assert_close(dots, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.sampled_dot(offsets, index, R, W), want, rtol=1e-5, atol=1e-5)
+    if n_features > rows * k:  # features no entry touches get exact zero rows
+        untouched = torch.ones(n_features, dtype=torch.bool)
+        untouched[index] = False
+        assert bool((out[untouched] == 0).all())
+
+
+def test_t_matmul_is_deterministic_and_takes_empty_rows(threads):
+    offsets = torch.tensor([0, 2, 2, 2, 5])  # rows 1 and 2 empty
+    index = torch.tensor([3, 0, 0, 3, 1])
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    R = torch.arange(12.0).reshape(4, 3)
+    out, _ = kernels.t_matmul(offsets, index, values, 5, R)
+    want = torch.zeros(5, 3)
+    want[0] = 2 * R[0] + 3 * R[3]
+    want[1] = 5 * R[3]
+    want[3] = 1 * R[0] + 4 * R[3]
+    assert torch.equal(out, want)
+    assert torch.equal(kernels.t_matmul(offsets, index, values, 5, R)[0], out)
+
+
+def test_kernels_refuse_out_of_range_csr():
+    R = torch.randn(2, 4)
+    with pytest.raises(IndexError, match="out of range for 3 features"):
+        kernels.t_matmul(torch.tensor([0, 1, 2]), torch.tensor([0, 3]), torch.ones(2), 3, R)
+    with pytest.raises(ValueError, match="do not describe 2 rows"):
+        kernels.t_matmul(torch.tensor([0, 2, 1]), torch.tensor([0, 1]), torch.ones(2), 3, R)
+    with pytest.raises(ValueError, match="do not describe"):
+        kernels.sampled_dot(torch.tensor([0, 1]), torch.tensor([0, 1]), R, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_sparse_path_same_with_and_without_kernels(monkeypatch, threads, kind):
+    torch.manual_seed(0)
+    cfg = CoderConfig(d_in=40, n_features=500, kind=kind, d_out=None if kind == "sae" else 24,
+                      activation="topk", k=12)
+    coder = build_coder(cfg)
+    with torch.no_grad():
+        coder.b_dec.normal_()
+        coder.b_enc.normal_(0, 0.5)
+    x, y = torch.randn(300, 40), torch.randn(300, cfg.d_output)
+
+    def run():
+        coder.zero_grad(set_to_none=True)
+        out = coder.forward_sparse(x)
+        loss = (y - out.out).pow(2).sum(-1).mean()
+        loss.backward()
+        return out.active, float(loss.detach()), {n: p.grad.clone() for n, p in coder.named_parameters()
+                                         if p.grad is not None}
+
+    active, loss, grads = run()
+    monkeypatch.setattr(kernels, "_lib", None)  # as without a compiler
+    ref_active, ref_loss, ref_grads = run()
+    rows = lambda a: [set(a.index[a.offsets[b]:a.offsets[b + 1]].tolist()) for b in range(a.n_rows)]
+    assert rows(active) == rows(ref_active)
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert grads.keys() == ref_grads.keys() and {"W_enc", "W_dec", "b_enc", "b_dec"} <= grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_no_compiler_means_pytorch_ops(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("CC", "")
+    monkeypatch.setattr(kernels, "_compiler", lambda: None)
+    assert not kernels.enabled()
+    assert not kernels.usable_for(torch.zeros(2))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv(kernels.ENV, "0")  # turned off by the user: no compile attempted
+    monkeypatch.setattr(kernels, "_compiler", lambda: pytest.fail("compiled although turned off"))
+    assert not kernels.enabled()
+
+
+def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(tmp_path))
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'cc: fatal error: no input files' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setattr(kernels, "_compiler", lambda: str(bad))
+    with caplog.at_level("WARNING"):
+        assert not kernels.enabled()
+    assert "could not build" in caplog.text and "fatal error" in caplog.text
+    assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
