@@ -27,6 +27,8 @@ def main() -> None:
     add_setup_args(p)
     p.add_argument("--steps", type=int, default=5, help="profiled steps (after 2 untimed ones)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dead-tokens", type=int, default=0,
+                   help="tokens without firing before a feature is dead (0: a tenth of the cache)")
     p.add_argument("--top", type=int, default=20, help="ops to print")
     p.add_argument("--out", default="runs/profile-step.json")
     args = p.parse_args()
@@ -34,8 +36,12 @@ def main() -> None:
     cache = find_cache(args)
     d = cache.widths[args.hookpoint]
     warm = 2
+    # dead features as in the speed table's timed steps: after a tenth of an epoch over the cache
+    # (--dead-tokens 1 counts a feature dead after one batch without firing, so AuxK runs)
+    dead = args.dead_tokens or TrainConfig(tokens=len(cache)).resolve(d).dead_tokens
     cfg = TrainConfig(n_features=args.n_features, k=args.k, batch_size=args.batch_size,
-                      tokens=(warm + args.steps) * args.batch_size, checkpoint_every=10_000)
+                      tokens=(warm + args.steps) * args.batch_size, checkpoint_every=10_000,
+                      dead_tokens=dead)
     trainer = Trainer([CoderSpec("coder", args.hookpoint, cfg)], {args.hookpoint: d},
                       Path(tempfile.mkdtemp(prefix="profile-step-")))
     step, times = trainer._step, []

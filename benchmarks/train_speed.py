@@ -126,9 +126,17 @@ def gemm_gflops(batch: int, d: int, n: int, reps: int = 5) -> float:
     return 2 * batch * d * n / statistics.median(times) / 1e9
 
 
+def epoch_steps(args, cache: ActivationCache) -> int:
+    """Steps in the quality runs' epoch."""
+    return min(len(cache), args.epoch_tokens or len(cache)) // args.batch_size
+
+
 def speed(args, cache: ActivationCache, d: int) -> tuple[dict, list[float]]:
     base = {"cache": str(cache.folder), "hookpoint": args.hookpoint, "batch_size": args.batch_size,
             "n_features": args.n_features, "k": args.k, "steps": args.steps, "warmup": args.warmup,
+            # the timed steps stand for the epoch's: our Trainer counts features dead (and pays
+            # AuxK for them) after the epoch's tenth, not after a tenth of these few steps
+            "epoch_tokens": epoch_steps(args, cache) * args.batch_size,
             "threads": args.threads, "lr": None, "warmup_frac": args.peer_warmup_frac,
             "norm_batches": args.dl_norm_batches}
     runs: dict[str, list[dict]] = {i: [] for i in args.impls}
@@ -170,7 +178,7 @@ def interop_error(coder, folder: Path) -> float:
 
 
 def quality(args, cache: ActivationCache, x_eval: torch.Tensor, out: Path) -> dict:
-    steps = min(len(cache), args.epoch_tokens or len(cache)) // args.batch_size
+    steps = epoch_steps(args, cache)
     base = {"cache": str(cache.folder), "hookpoint": args.hookpoint, "batch_size": args.batch_size,
             "n_features": args.n_features, "k": args.k, "steps": steps, "warmup": 0, "seed": args.seed,
             "threads": args.threads, "warmup_frac": args.peer_warmup_frac,

@@ -7,7 +7,9 @@ loop's own per-step work (logging, waiting for a batch if the reader falls behin
 end of the last. Everything else (LR 2e-4 / sqrt(F / 2^14) unless given, 5% warm-up, no decay,
 TopK's training scale, initialisation and gradient clip (TrainConfig.resolve), AuxK, outlier tokens
 counted and trained on, normalisation folded at the end) is the Trainer's default; --ours-train
-overrides any of it.
+overrides any of it. The timed runs (a few steps) take the dead-feature threshold that the epoch's
+run resolves (a tenth of its tokens), as the steps they stand for would: by default a feature
+would be dead after a tenth of the timed run, under two batches, and AuxK would run every step.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main() -> None:
     steps = a["warmup"] + a["steps"]
     kw = dict(activation="topk", n_features=a["n_features"], k=a["k"], tokens=steps * a["batch_size"],
               batch_size=a["batch_size"], lr=a["lr"] or 0.0, seed=a["seed"])
+    if a.get("epoch_tokens"):  # timed steps: dead after the epoch's threshold, not these steps'
+        epoch = TrainConfig(**{**kw, **a.get("train", {}), "tokens": a["epoch_tokens"]})
+        kw["dead_tokens"] = epoch.resolve(data.width).dead_tokens
     cfg = TrainConfig(**{**kw, **a.get("train", {})})  # --ours-train overrides win
     out = Path(a["out"]) if train else Path(tempfile.mkdtemp(prefix="ours-"))
     trainer = Trainer([CoderSpec("coder", a["hookpoint"], cfg)], {a["hookpoint"]: data.width}, out)
