@@ -174,36 +174,100 @@ static void topk_row_scan(const float *restrict x, const float *restrict b, int6
     }
 }
 
-/* one row in two passes: the maximum of each group of 16; tau = the k-th largest of those (k
- * distinct values >= tau, so the row's k-th largest is >= tau and every selected value lies in a
- * group whose maximum is >= tau); then only those groups (a few more than k) are offered to the
- * heap. Returns 0 when the heap could not be filled (NaN or -inf rows): the caller scans. */
+/* how many of v[0:n] are >= t (NaN never) */
+static inline int64_t count_at_least(const float *v, int64_t n, float t) {
+    int64_t c = 0, i = 0;
+#if defined(__AVX512F__)
+    const __m512 tv = _mm512_set1_ps(t);
+    for (; i + 16 <= n; i += 16)
+        c += __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + i), tv, _CMP_GE_OQ));
+#endif
+    for (; i < n; i++) c += v[i] >= t;
+    return c;
+}
+
+/* bit t set when x[t] + b[t] >= tau, t < 16 */
+static inline unsigned group_at_least(const float *x, const float *b, float tau) {
+#if defined(__AVX512F__)
+    __m512 v = _mm512_add_ps(_mm512_loadu_ps(x), _mm512_loadu_ps(b));
+    return _mm512_cmp_ps_mask(v, _mm512_set1_ps(tau), _CMP_GE_OQ);
+#elif defined(__AVX__)
+    __m256 t = _mm256_set1_ps(tau);
+    __m256 lo = _mm256_add_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(b));
+    __m256 hi = _mm256_add_ps(_mm256_loadu_ps(x + 8), _mm256_loadu_ps(b + 8));
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(lo, t, _CMP_GE_OQ))
+           | ((unsigned)_mm256_movemask_ps(_mm256_cmp_ps(hi, t, _CMP_GE_OQ)) << 8);
+#else
+    unsigned m = 0;
+    for (int i = 0; i < GROUP; i++) m |= (unsigned)(x[i] + b[i] >= tau) << i;
+    return m;
+#endif
+}
+
+/* one row in two passes: the maximum of each group of 16; tau such that at least k of those are
+ * >= tau (k distinct values >= tau, so the row's k-th largest is >= tau and every selected value
+ * lies in a group whose maximum is >= tau); then only the entries >= tau of those groups
+ * are offered to the heap. Returns 0 when the heap could not be filled (NaN or -inf rows): the
+ * caller scans. `gmax` has room for the groups. */
 static int topk_row_groups(const float *restrict x, const float *restrict b, int64_t n, int64_t k,
                            float *hv, int64_t *hi, float *gmax) {
-    const int64_t groups = (n + GROUP - 1) / GROUP, full = n / GROUP;
+    const int64_t full = n / GROUP, groups = (n + GROUP - 1) / GROUP;
     for (int64_t g = 0; g < full; g++) gmax[g] = group_max(x + g * GROUP, b + g * GROUP);
     if (full < groups) {
         float m = -__builtin_inff();
         for (int64_t j = full * GROUP; j < n; j++) m = x[j] + b[j] > m ? x[j] + b[j] : m;
         gmax[full] = m;
     }
-    for (int64_t i = 0; i < k; i++) { hv[i] = -__builtin_inff(); hi[i] = -1; }
-    for (int64_t g = 0; g < groups; g++)  /* the k largest group maxima: tau = hv[0] */
-        if (gmax[g] > hv[0]) { hv[0] = gmax[g]; hi[0] = g; sift_down(hv, hi, k, 0); }
-    const float tau = hv[0];
-    if (!(tau > -__builtin_inff())) return 0;
-    for (int64_t i = 0; i < k; i++) { hv[i] = -__builtin_inff(); hi[i] = -1; }
+    /* tau: a value with at least k group maxima >= it, and not many more than k (bisection by
+     * counting: no branchy heap over the groups) */
+    float lo = __builtin_inff(), top = -__builtin_inff();
     for (int64_t g = 0; g < groups; g++) {
-        if (!(gmax[g] >= tau)) continue;
-        const int64_t j1 = g + 1 < groups ? (g + 1) * GROUP : n;
-        for (int64_t j = g * GROUP; j < j1; j++) {
-            float v = x[j] + b[j];
-            if (v >= tau && v > hv[0]) { hv[0] = v; hi[0] = j; sift_down(hv, hi, k, 0); }
+        const float v = gmax[g];
+        if (v > top) top = v;
+        if (v < lo && v > -__builtin_inff()) lo = v;
+    }
+    if (!(top > -__builtin_inff()) || count_at_least(gmax, groups, lo) < k) return 0;
+    if (count_at_least(gmax, groups, top) >= k) {
+        lo = top;  /* k groups share the largest maximum */
+    } else {
+        for (int it = 0; it < 40; it++) {  /* count(>= lo) >= k > count(>= top) */
+            const float mid = lo + (top - lo) * 0.5f;
+            if (!(mid > lo && mid < top)) break;
+            const int64_t c = count_at_least(gmax, groups, mid);
+            if (c >= k) {
+                lo = mid;
+                if (c <= k + k / 4) break;
+            } else {
+                top = mid;
+            }
         }
     }
-    for (int64_t i = 0; i < k; i++)
-        if (hi[i] < 0) return 0;
-    return 1;
+    const float tau = lo;
+    int64_t filled = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        if (!(gmax[g] >= tau)) continue;
+        const int64_t j0 = g * GROUP;
+        unsigned m = 0;
+        if (g < full)
+            m = group_at_least(x + j0, b + j0, tau);
+        else  /* the last, partial group */
+            for (int64_t j = j0; j < n; j++) m |= (unsigned)(x[j] + b[j] >= tau) << (j - j0);
+        for (; m; m &= m - 1) {
+            const int64_t j = j0 + __builtin_ctz(m);
+            const float v = x[j] + b[j];
+            if (filled < k) {  /* fill the heap, then keep the k largest */
+                hv[filled] = v;
+                hi[filled] = j;
+                if (++filled == k)
+                    for (int64_t i = k / 2 - 1; i >= 0; i--) sift_down(hv, hi, k, i);
+            } else if (v > hv[0]) {
+                hv[0] = v;
+                hi[0] = j;
+                sift_down(hv, hi, k, 0);
+            }
+        }
+    }
+    return filled == k;
 }
 
 static void topk_rows(void *p, int64_t r0, int64_t r1) {
