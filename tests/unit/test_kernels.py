@@ -162,3 +162,21 @@ def test_a_failing_build_warns_and_falls_back(monkeypatch, tmp_path, caplog):
         assert not kernels.enabled()
     assert "could not build" in caplog.text and "fatal error" in caplog.text
     assert not list((tmp_path / "kernels").glob("*"))  # no half-written library left behind
+
+
+def test_decoder_row_steps_match_torch(threads):
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(300, 37, generator=gen) * 3
+    W[5] = 0  # a zero row: left as it is by both steps
+    G = torch.randn(300, 37, generator=gen)
+    want_G = G - (G * W).sum(1, keepdim=True) / (W * W).sum(1, keepdim=True).clamp_min(1e-30) * W
+    assert kernels.project_rows(W, G)
+    torch.testing.assert_close(G, want_G, rtol=1e-5, atol=1e-5)
+    assert torch.equal(G[5], want_G[5])
+    norm = W.norm(dim=1, keepdim=True)
+    want_W = torch.where(norm > 0, W / norm, W)
+    assert kernels.unit_rows(W)
+    torch.testing.assert_close(W, want_W, rtol=1e-6, atol=1e-6)
+    assert bool((W[5] == 0).all())
+    # what the kernels cannot take is left to PyTorch (False, nothing written)
+    assert not kernels.unit_rows(W.T) and not kernels.project_rows(W.double(), G.double())

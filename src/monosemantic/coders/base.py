@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from monosemantic.coders import kernels
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.sparse import ActiveSet, Selection, TopKSelection, sparse_decode, sparse_encode
 
@@ -293,6 +294,8 @@ class SparseCoder(nn.Module):
     @torch.no_grad()
     def set_decoder_to_unit_norm(self) -> None:
         """Divide every W_dec row by its norm (rows of zero norm are left at zero)."""
+        if kernels.unit_rows(self.W_dec):  # one pass, compiled
+            return
         norm = self.W_dec.norm(dim=1, keepdim=True)
         self.W_dec.div_(torch.where(norm > 0, norm, torch.ones_like(norm)))
 
@@ -301,7 +304,7 @@ class SparseCoder(nn.Module):
         """Project out of W_dec.grad the component along each feature's decoder row, so a step
         on unit-norm rows only rotates them (Bricken et al. 2023)."""
         W, G = self.W_dec, self.W_dec.grad
-        if G is None:
+        if G is None or kernels.project_rows(W, G):  # one pass, compiled
             return
         # G -= (G . w / |w|^2) w, row by row, in blocks of rows: no [F, D] temporary, and each
         # block of G and W is still in cache for the update

@@ -9,6 +9,7 @@
 #if defined(__AVX__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -396,4 +397,47 @@ void sampled_dot(const int64_t *offsets, const int64_t *index, int64_t B, const 
                  int64_t lda, const float *W, int64_t D, float *out, int threads) {
     sdot_args a = {offsets, index, A, W, D, lda, out};
     parallel_for(sdot_rows, &a, B, threads, NULL);
+}
+
+/* ---- decoder rows: the gradient's component along each row, and unit norm ------------------ */
+
+typedef struct {
+    float *W, *G;
+    int64_t D;
+} rows_args;
+
+static void project_rows_range(void *p, int64_t f0, int64_t f1) {
+    const rows_args *a = (const rows_args *)p;
+    const int64_t D = a->D;
+    for (int64_t f = f0; f < f1; f++) {
+        const float *restrict w = a->W + f * D;
+        float *restrict g = a->G + f * D;
+        const float sq = dot(w, w, D);
+        if (!(sq > 0)) continue;  /* a zero row: nothing to project out */
+        const float c = dot(g, w, D) / sq;
+        for (int64_t d = 0; d < D; d++) g[d] -= c * w[d];
+    }
+}
+
+static void unit_rows_range(void *p, int64_t f0, int64_t f1) {
+    const rows_args *a = (const rows_args *)p;
+    const int64_t D = a->D;
+    for (int64_t f = f0; f < f1; f++) {
+        float *restrict w = a->W + f * D;
+        const float norm = sqrtf(dot(w, w, D));
+        if (!(norm > 0)) continue;  /* rows of zero norm stay zero */
+        for (int64_t d = 0; d < D; d++) w[d] /= norm;
+    }
+}
+
+/* G[f] -= (<G[f], W[f]> / |W[f]|^2) W[f] for each of the F rows, in one pass */
+void project_rows(const float *W, float *G, int64_t F, int64_t D, int threads) {
+    rows_args a = {(float *)W, G, D};
+    parallel_for(project_rows_range, &a, F, threads, NULL);
+}
+
+/* W[f] /= |W[f]| for each row of non-zero norm, in one pass */
+void unit_rows(float *W, int64_t F, int64_t D, int threads) {
+    rows_args a = {W, NULL, D};
+    parallel_for(unit_rows_range, &a, F, threads, NULL);
 }

@@ -1,6 +1,7 @@
 """The sparse path's fused CPU kernels (kernels.c), compiled once per machine with its C compiler.
 
-Three kernels replace PyTorch ops in coders/sparse.py where they do work the math does not need:
+The kernels replace PyTorch ops in coders/sparse.py (and the decoder-norm steps of coders/base.py)
+where those do work the math does not need:
 
 - `topk_bias(pre, bias, k)`: the k largest entries of each row of pre + bias. `torch.topk` copies
   every row into (value, index) pairs and partially sorts them, and the bias needs its own pass
@@ -10,6 +11,9 @@ Three kernels replace PyTorch ops in coders/sparse.py where they do work the mat
   of the entries by feature and one pass per feature writing its output row once (no zero fill
   of the [F, D] result, no CSR transposition through a general sort).
 - `sampled_dot(offsets, index, A, W)`: <A[b], W[f]> for each active entry (b, f).
+- `project_rows(W, G)` / `unit_rows(W)`: the decoder-norm constraint's two steps (the gradient's
+  component along each decoder row removed; rows renormalised), one pass each instead of three
+  and two.
 
 The shared library is built by `cc -O3 -march=native -shared` into the cache folder
 (`$MONOSEMANTIC_CACHE/kernels/`, keyed by the source, the compiler and the CPU's flags), written
@@ -128,6 +132,10 @@ def _load():
         lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64, _f32,
                                     ctypes.c_int64, _f32, ctypes.c_int]
         lib.sampled_dot.restype = None
+        lib.project_rows.argtypes = [_f32, _f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        lib.project_rows.restype = None
+        lib.unit_rows.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        lib.unit_rows.restype = None
         _lib = lib
         return _lib
 
@@ -210,3 +218,26 @@ def sampled_dot(offsets: Tensor, index: Tensor, A: Tensor, W: Tensor) -> Tensor:
     _load().sampled_dot(_ptr(offsets, _i64), _ptr(index, _i64), offsets.numel() - 1, _ptr(A, _f32),
                         A.stride(0), _ptr(W, _f32), W.shape[1], _ptr(out, _f32), _threads())
     return out
+
+
+def _rows_ok(*tensors: Tensor) -> bool:
+    return all(t.is_contiguous() and t.ndim == 2 for t in tensors) and usable_for(*tensors)
+
+
+def project_rows(W: Tensor, G: Tensor) -> bool:
+    """In place, G[f] -= (<G[f], W[f]> / |W[f]|^2) W[f] for every row (zero rows left alone), one
+    pass over both. Returns False (nothing done) when the kernels cannot take them."""
+    if not _rows_ok(W, G) or W.shape != G.shape:
+        return False
+    _load().project_rows(_ptr(W.detach(), _f32), _ptr(G, _f32), W.shape[0], W.shape[1], _threads())
+    return True
+
+
+def unit_rows(W: Tensor) -> bool:
+    """In place, every row of non-zero norm divided by its norm, one pass. Returns False (nothing
+    done) when the kernels cannot take W."""
+    if not _rows_ok(W):
+        return False
+    _load().unit_rows(_ptr(W.detach(), _f32), W.shape[0], W.shape[1], _threads())
+    torch.autograd.graph.increment_version(W)  # written behind autograd's back: say so
+    return True
