@@ -612,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     _, run = COMMANDS[args.command]
+    from .utils import keep_freed_memory
+
+    keep_freed_memory()  # no page-fault churn from re-allocating each batch's tensors
     try:
         return run(args.args)
     except (ValueError, FileNotFoundError, FloatingPointError, DistributedError) as err:
