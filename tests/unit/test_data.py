@@ -118,3 +118,22 @@ def test_shuffle_buffer_serves_every_row_once_deterministically(llama, documents
     assert torch.equal(a, served(0)) and not torch.equal(a, served(1))
     assert a.shape == rows.shape and not torch.equal(a, rows)
     assert torch.equal(a[a[:, 0].argsort()], rows[rows[:, 0].argsort()])
+
+
+def test_cpu_harvest_splits_a_batch_into_passes_of_at_most_cpu_forward_tokens(lm, family, documents,
+                                                                               monkeypatch):
+    from monosemantic.data import activations
+
+    h = LAYER[family].format(1)
+    whole = list(harvest(lm.model, lm.tokenizer, documents, [h], 16, 0, 5, [0]))
+    calls = []
+    real = activations.run_to_hookpoints
+    monkeypatch.setattr(activations, "run_to_hookpoints",
+                        lambda model, ids, hps: calls.append(len(ids)) or real(model, ids, hps))
+    monkeypatch.setattr(activations, "CPU_FORWARD_TOKENS", 32)  # 2 contexts of 16 per pass
+    split = list(harvest(lm.model, lm.tokenizer, documents, [h], 16, 0, 5, [0]))
+    assert calls[:3] == [2, 2, 1]  # each batch of 5 contexts as passes of 2, 2 and 1
+    assert len(split) == len(whole)
+    for a, b in zip(whole, split):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.coords, b.coords)
+        torch.testing.assert_close(a.acts[h], b.acts[h], rtol=1e-5, atol=1e-6)
