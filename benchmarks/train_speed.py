@@ -341,6 +341,7 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
         ran = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              timeout=args.timeout)
         wall = time.perf_counter() - t0
+        (folder / f"ours-{len(walls)}.log").write_text(ran.stdout)  # its progress bars: the phases
         if ran.returncode != 0:
             raise RuntimeError(f"monosemantic train failed:\n{ran.stdout[-3000:]}")
         drop_harvest_caches()
@@ -348,7 +349,8 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
 
     # rounds of sparsify, ours (the machine's speed drifts by 10% over minutes: each round's ratio
     # is of two neighbouring runs; the table has the medians)
-    sp_walls, sp_loads, walls = [sp_process], [sp["wall_s"]], [run_ours()]
+    sp_walls, sp_loads, walls = [sp_process], [sp["wall_s"]], []
+    walls.append(run_ours())
     print(f"e2e round 0: sparsify {sp_process:.1f} s, ours {walls[-1]:.1f} s", flush=True)
     for r in range(1, args.e2e_rounds):
         sp_r, wall_r = run_sparsify()

@@ -444,3 +444,24 @@ def test_releasing_free_memory_needs_no_glibc(monkeypatch):
     utils.release_free_memory()  # glibc here: malloc_trim runs
     monkeypatch.setattr(utils.ctypes, "CDLL", lambda name: object())  # a C library without it
     utils.release_free_memory()
+
+
+def test_keeping_freed_memory_respects_the_users_malloc_settings(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from monosemantic import utils
+
+    code = "from monosemantic.utils import keep_freed_memory as k; print(k())"
+    env = {k: v for k, v in os.environ.items() if k not in utils.MALLOC_ENV}
+    glibc = subprocess.run(["ldd", "--version"], capture_output=True, text=True).stdout.lower()
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.stdout.strip() == ("True" if ("glibc" in glibc or "gnu libc" in glibc) else "False")
+    env["MALLOC_TRIM_THRESHOLD_"] = "131072"  # the user's own policy stands
+    got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert got.stdout.strip() == "False"
+    monkeypatch.setattr(utils.ctypes, "CDLL", lambda name: object())  # a C library without mallopt
+    for name in utils.MALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert utils.keep_freed_memory() is False
