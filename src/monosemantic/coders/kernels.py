@@ -15,7 +15,8 @@ where those do work the math does not need:
   component along each decoder row removed; rows renormalised), one pass each instead of three
   and two.
 
-The shared library is built by `cc -O3 -march=native -shared` into the cache folder
+The shared library is built by `cc -O3 -march=native -shared` (with `-fopenmp` where PyTorch's
+libgomp is loaded, so the kernels share its threads) into the cache folder
 (`$MONOSEMANTIC_CACHE/kernels/`, keyed by the source, the compiler and the CPU's flags), written
 atomically, and loaded with ctypes: no Python headers, no pickles, about a second to compile.
 Without a C compiler (or with `MONOSEMANTIC_KERNELS=0`, or for tensors that are not contiguous
@@ -77,7 +78,18 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(cc: str, out: Path) -> None:
+def _gomp_loaded() -> bool:
+    """Whether GNU OpenMP is already loaded in this process (PyTorch's own libgomp, as in its
+    Linux wheels): then -fopenmp binds the kernels to that same runtime. With another runtime (or
+    none) the kernels use POSIX threads rather than load a second OpenMP beside PyTorch's."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False
+
+
+def _build(cc: str, out: Path, openmp: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -85,7 +97,8 @@ def _build(cc: str, out: Path) -> None:
         err = ""
         # -fopenmp binds to PyTorch's OpenMP runtime (see kernels.c); without it, POSIX threads.
         # Some compilers (or CPUs) have no -march=native or no OpenMP: try without them.
-        for flags in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        omp = [["-march=native", "-fopenmp"], ["-fopenmp"]] if openmp else []
+        for flags in (*omp, ["-march=native"], []):
             cmd = [cc, "-O3", *flags, "-std=c99", "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", tmp]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
@@ -114,11 +127,12 @@ def _load():
             return None
         try:
             version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-            key = hashlib.sha256(b"\0".join(s.encode() for s in (
-                SOURCE.read_text(), cc, version, platform.machine(), _cpu_flags()))).hexdigest()[:16]
+            openmp = _gomp_loaded()
+            parts = (SOURCE.read_text(), cc, version, platform.machine(), _cpu_flags(), str(openmp))
+            key = hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
             path = cache_dir() / "kernels" / f"sparse-{key}.so"
             if not path.exists():
-                _build(cc, path)
+                _build(cc, path, openmp)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("could not build the sparse path's C kernels (%s): using PyTorch ops only", e)
