@@ -14,6 +14,19 @@ from monosemantic.train.loop import CoderSpec, Trainer
 KINDS = ("sae", "transcoder", "skip_transcoder")
 
 
+@pytest.fixture(autouse=True, params=["kernels", "torch-ops"])
+def sparse_ops(request, monkeypatch):
+    """Every test twice: with the compiled kernels (where they build) and on PyTorch ops alone."""
+    from monosemantic.coders import kernels
+
+    if request.param == "kernels" and not kernels.enabled():
+        pytest.skip("no C compiler: kernels not built")
+    if request.param == "torch-ops":
+        monkeypatch.setattr(kernels, "_lib", None)
+        monkeypatch.setattr(kernels, "_tried", True)
+    return request.param
+
+
 def _coder(activation: str, kind: str, seed: int = 0):
     torch.manual_seed(seed)
     extra = {"k": 4} if activation in ("topk", "batchtopk") else {}
