@@ -374,31 +374,6 @@ int t_matmul(const int64_t *offsets, const int64_t *index, const float *values, 
     return 0;
 }
 
-/* ---- out [N] = <A[row of e], W[index[e]]> for each entry e (a sampled dense-dense product) ---- */
-
-typedef struct {
-    const int64_t *offsets, *index;
-    const float *A, *W;
-    int64_t D, lda;
-    float *out;
-} sdot_args;
-
-static void sdot_rows(void *p, int64_t b0, int64_t b1) {
-    const sdot_args *a = (const sdot_args *)p;
-    const int64_t D = a->D;
-    for (int64_t b = b0; b < b1; b++) {
-        const float *restrict x = a->A + b * a->lda;
-        for (int64_t e = a->offsets[b]; e < a->offsets[b + 1]; e++)
-            a->out[e] = dot(x, a->W + a->index[e] * D, D);
-    }
-}
-
-void sampled_dot(const int64_t *offsets, const int64_t *index, int64_t B, const float *A,
-                 int64_t lda, const float *W, int64_t D, float *out, int threads) {
-    sdot_args a = {offsets, index, A, W, D, lda, out};
-    parallel_for(sdot_rows, &a, B, threads, NULL);
-}
-
 /* ---- decoder rows: the gradient's component along each row, and unit norm ------------------ */
 
 typedef struct {

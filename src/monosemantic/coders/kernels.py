@@ -10,7 +10,6 @@ where those do work the math does not need:
 - `t_matmul(offsets, index, values, F, R)`: S^T @ R [F, D] for a CSR S [B, F], by a counting sort
   of the entries by feature and one pass per feature writing its output row once (no zero fill
   of the [F, D] result, no CSR transposition through a general sort).
-- `sampled_dot(offsets, index, A, W)`: <A[b], W[f]> for each active entry (b, f).
 - `project_rows(W, G)` / `unit_rows(W)`: the decoder-norm constraint's two steps (the gradient's
   component along each decoder row removed; rows renormalised), one pass each instead of three
   and two.
@@ -143,9 +142,6 @@ def _load():
         lib.t_matmul.argtypes = [_i64, _i64, _f32, ctypes.c_int64, ctypes.c_int64, _f32,
                                  ctypes.c_int64, ctypes.c_int64, _f32, _f32, _f32, ctypes.c_int]
         lib.t_matmul.restype = ctypes.c_int
-        lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64, _f32,
-                                    ctypes.c_int64, _f32, ctypes.c_int]
-        lib.sampled_dot.restype = None
         lib.project_rows.argtypes = [_f32, _f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         lib.project_rows.restype = None
         lib.unit_rows.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
@@ -217,21 +213,6 @@ def t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, R:
                         None if dots is None else _ptr(dots, _f32), _threads()) != 0:
         raise MemoryError("t_matmul: out of memory for the feature-sorted entries")
     return out, dots
-
-
-def sampled_dot(offsets: Tensor, index: Tensor, A: Tensor, W: Tensor) -> Tensor:
-    """[N]: <A[b], W[index[e]]> for each entry e of row b of the CSR pattern (offsets, index);
-    A [B, D], W [F, D]."""
-    offsets, index, W = offsets.contiguous(), index.contiguous(), W.detach().contiguous()
-    _check_csr(offsets, index, A.shape[0], W.shape[0])
-    if A.shape[1] != W.shape[1]:
-        raise ValueError(f"sampled_dot: A is [B, {A.shape[1]}] but W is [F, {W.shape[1]}]")
-    if A.stride(1) != 1:
-        A = A.contiguous()
-    out = A.new_empty(index.numel())
-    _load().sampled_dot(_ptr(offsets, _i64), _ptr(index, _i64), offsets.numel() - 1, _ptr(A, _f32),
-                        A.stride(0), _ptr(W, _f32), W.shape[1], _ptr(out, _f32), _threads())
-    return out
 
 
 def _rows_ok(*tensors: Tensor) -> bool:

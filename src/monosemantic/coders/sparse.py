@@ -14,10 +14,10 @@ For a top-k-family coder on a batch x [B, D_in] with F features and about K acti
 
 so everything after the encoder GEMM costs O(B·K·D) rather than O(B·F·D), no [B, F] tensor is
 materialised in the backward, and no [B, K, D] gather either. On the CPU, with a C compiler, three
-steps run in compiled kernels (coders/kernels.py): TopK's selection adds b_enc as it scans the GEMM's
-block (one pass, no bias broadcast), and the weight gradients and the decoder's d acts are computed
-feature by feature from a counting sort of the entries, d W_dec and d acts in one pass. The gradients are those of the eager
-reference (`SparseCoder.forward` + autograd) up to float rounding; tests/unit/test_sparse.py
+steps run in compiled kernels (coders/kernels.py): TopK's selection adds b_enc as it scans the
+GEMM's block (one pass, no bias broadcast), and the weight gradients and the decoder's d acts are
+computed feature by feature from a counting sort of the entries, d W_dec and d acts in one pass.
+The gradients are those of the eager reference (`SparseCoder.forward` + autograd) up to float rounding; tests/unit/test_sparse.py
 checks loss and every gradient for each architecture that takes this path.
 
 Selections (`TopKSelection`, `BatchTopKSelection`, `ThresholdSelection`) turn pre-activations into the
@@ -191,12 +191,10 @@ def _dense(offsets: Tensor, values: Tensor, n_features: int) -> bool:
 
 def _t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, rhs: Tensor) -> Tensor:
     """S^T @ rhs [F, D] for the [B, F] active set S given as CSR parts."""
-    S = _csr(offsets, index, values, n_features)
-    if _dense(offsets, values, n_features):
-        return S.to_dense().T @ rhs
-    if kernels.usable_for(values, rhs):
+    if not _dense(offsets, values, n_features) and kernels.usable_for(values, rhs):
         return kernels.t_matmul(offsets, index, values, n_features, rhs)[0]
-    return S.t() @ rhs
+    S = _csr(offsets, index, values, n_features)
+    return S.to_dense().T @ rhs if _dense(offsets, values, n_features) else S.t() @ rhs
 
 
 def _csr(offsets: Tensor, index: Tensor, values: Tensor, n_features: int) -> Tensor:
@@ -243,11 +241,10 @@ class _Encode(torch.autograd.Function):
         xin, W_enc, index, offsets, values = ctx.saved_tensors
         n_features = W_enc.shape[0]
         g = d_values * (values > 0)  # the ReLU
-        S = _csr(offsets, index, g, n_features)
         need_x, need_centre, need_w, need_b = ctx.needs_input_grad[:4]
         d_W = _t_matmul(offsets, index, g, n_features, xin) if need_w else None
         d_b = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, index, g)
-        d_x = (S @ W_enc) if need_x else None
+        d_x = (_csr(offsets, index, g, n_features) @ W_enc) if need_x else None
         # sum over rows of S @ W_enc = (column sums of S) @ W_enc = d_b @ W_enc
         d_centre = -(d_b @ W_enc) if (ctx.has_centre and need_centre) else None
         return d_x, d_centre, d_W, d_b if need_b else None, None, None
