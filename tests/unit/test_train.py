@@ -220,6 +220,10 @@ def test_command_line_sets_or_leaves_the_architecture_dependent_options():
     assert parse("--calibrate_init").calibrate_init is True  # a bare flag means true
     assert parse("--calibrate_init", "false").calibrate_init is False
     assert (parse("--grad_clip", "0.5").grad_clip, parse("--input_norm", "0").input_norm) == (0.5, 0.0)
+    assert parse("--recon_loss", "mse").recon_loss == "mse"
+    for bare in ("--grad_clip", "--input_norm", "--recon_loss", "--init_encoder_norm"):
+        with pytest.raises(SystemExit):  # "expected one argument", not a silent unset
+            parse(bare)
 
 
 @pytest.mark.parametrize("kwargs,match", [

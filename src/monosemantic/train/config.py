@@ -41,6 +41,11 @@ def _optional_bool(text: str) -> bool:
 _OPTIONAL_FLAG = {"custom_args": {"nargs": "?", "const": True, "type": _optional_bool}}
 """Command-line form of a bool that may be left unset: a bare flag means true."""
 
+def _needs_value(metavar: str) -> dict:
+    """Command-line form of a number or name that may be left unset: the flag takes exactly one
+    value (a bare `--grad-clip` is an error, not a silent 'unset')."""
+    return {"custom_args": {"nargs": None, "metavar": metavar}}
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -91,7 +96,7 @@ class TrainConfig:
     """Fraction of steps at the end over which the LR decays linearly to 0 (0 = constant after the
     warm-up, as dictionary-learning and sparsify train; on SmolLM2 layer 15, one epoch at the best
     LR, a decay over the last fifth of the steps gave FVU 0.097 against 0.085 without; BENCHMARKS.md)."""
-    grad_clip: float | None = None
+    grad_clip: float | None = dataclasses.field(default=None, metadata=_needs_value("float"))
     """Clip each coder's gradient norm to this before the optimizer step (0 = off; unset = off for
     topk, 1 for the others). At sqrt(D) scale on SmolLM2 layer 15 a batch holding a
     massive-activation token has a gradient 100-1000x the others' and, unclipped, inflates Adam's
@@ -99,7 +104,7 @@ class TrainConfig:
     unclipped, 0.42 clipped at 1). At TopK's unit scale and best LR the clip instead shrinks
     exactly the steps that teach the features of those tokens (their relative error 0.099
     clipped, 0.033 not; BENCHMARKS.md)."""
-    recon_loss: str | None = None
+    recon_loss: str | None = dataclasses.field(default=None, metadata=_needs_value("str"))
     """The reconstruction loss: mse (squared error summed over dimensions, mean over tokens) or
     fvu (the same divided by the batch's total variance per token, sparsify's loss); unset = fvu
     for topk, mse for the others. Under Adam a constant factor changes nothing; a per-batch one
@@ -120,7 +125,7 @@ class TrainConfig:
     """Scale the initial encoder so the first reconstruction has the target's norm (coders/init.py);
     false gives every encoder row the norm init_encoder_norm instead. Unset = false for topk, true
     for the others."""
-    init_encoder_norm: float | None = None
+    init_encoder_norm: float | None = dataclasses.field(default=None, metadata=_needs_value("float"))
     """Norm of every initial encoder row when it is not calibrated (calibrate_init false; the
     decoder rows are unit norm either way); unset = 1/sqrt(3) for topk (nn.Linear's
     Kaiming-uniform scale, as sparsify starts), 1 otherwise (W_enc = W_dec of a tied SAE, as
@@ -129,7 +134,7 @@ class TrainConfig:
     """Train on inputs scaled by one constant so that E||x||^2 = input_norm^2 (folded into the
     saved weights), the mean taken over the first batch's typical tokens (outliers, by
     outlier_multiple, left out of the estimate even when trained on)."""
-    input_norm: float | None = None
+    input_norm: float | None = dataclasses.field(default=None, metadata=_needs_value("float"))
     """With normalize: scale inputs so that sqrt(E||x||^2) = this; 0 = sqrt(D); unset = 1 for
     topk (dictionary-learning's scale), sqrt(D) for the others; relu/gated/jumprelu's
     coefficient, bandwidth and threshold defaults above are quoted for sqrt(D). Under Adam every
