@@ -184,3 +184,15 @@ def test_weight_gradient_product_is_the_same_sparse_or_dense(n_features, k):
     assert (k / n_features > DENSE_ABOVE) == (k > 6)  # both branches are taken
     torch.testing.assert_close(_t_matmul(offsets, idx.flatten(), vals.flatten(), n_features, rhs),
                                dense.T @ rhs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sparse_path_gives_the_input_its_gradient_too(kind):
+    """The sparse path passes d x back like the eager forward (x - b_dec, or x for transcoders)."""
+    coder, x, y = _coder("topk", kind)
+    grads = []
+    for fn in (lambda v: coder(v).out, lambda v: coder.forward_sparse(v).out):
+        xg = x.clone().requires_grad_(True)
+        (y - fn(xg)).pow(2).sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
