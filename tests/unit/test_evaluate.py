@@ -52,6 +52,10 @@ def test_metrics_equal_a_hand_computation(llama, documents):
                           exclude_ids=exclude, progress=False)["c"]
     tokens = _batch(llama, documents)  # the first batch holds > 100 kept tokens: one batch is used
     mask = keep_mask(tokens, exclude)
+    assert int(mask.sum()) > 100
+    flat = mask.flatten()  # of which the first 100 kept tokens are scored (and spliced)
+    flat[flat.nonzero(as_tuple=True)[0][100:]] = False
+    mask = flat.view_as(mask)
     with torch.no_grad():
         with capture(llama.model, [HP]) as acts:
             clean = llama.model(input_ids=tokens).logits
@@ -63,7 +67,7 @@ def test_metrics_equal_a_hand_computation(llama, documents):
 
         with patch(llama.model, {HP: splice}):
             spliced = llama.model(input_ids=tokens).logits
-    assert res.n_tokens == int(mask.sum())
+    assert res.n_tokens == int(mask.sum()) == 100
     assert res.recon.fvu == pytest.approx(float(fvu(out, x)), rel=1e-5)
     assert res.recon.relative_reconstruction_bias == pytest.approx(
         float(relative_reconstruction_bias(out, x)), rel=1e-5)

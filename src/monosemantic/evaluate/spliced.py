@@ -86,7 +86,9 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
                     ctx_len: int = 256, batch_size: int = 8, exclude_ids: list[int] | None = None,
                     outlier_norms: dict[str, float] | None = None, spliced: bool = True,
                     progress: bool = True) -> dict[str, CoderEval]:
-    """Evaluate each coder on about `n_tokens` tokens of `documents` (held out from training).
+    """Evaluate each coder on `n_tokens` tokens of `documents` (held out from training): whole
+    batches of contexts run through the model, and of the last one only the first kept tokens
+    that complete the count are scored (fewer when the documents run out).
 
     `outlier_norms[name]` is the norm above which a token counts as an outlier for that coder.
     """
@@ -106,7 +108,13 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
     bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="evaluating", disable=not progress)
     for _, tokens in batched_contexts(lm.tokenizer, documents, ctx_len, lm.bos_token_id, batch_size):
         tokens = tokens.to(device)
-        mask = keep_mask(tokens.cpu(), exclude_ids).to(device)
+        mask = keep_mask(tokens.cpu(), exclude_ids)
+        room = n_tokens - seen
+        if int(mask.sum()) > room:  # the last batch: its first `room` kept tokens complete the count
+            flat = mask.flatten()
+            flat[flat.nonzero(as_tuple=True)[0][room:]] = False
+            mask = flat.view_as(mask)
+        mask = mask.to(device)
         with capture(model, needed) as acts:
             clean = model(input_ids=tokens, use_cache=False).logits
         ce_clean = next_token_ce(clean, tokens, mask)
@@ -134,7 +142,7 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
             c["kl_zero"] = c["kl_zero"] + zeroed[hp_out][1]
         kept = int(mask.sum())
         seen += kept
-        bar.update(min(kept, max(0, n_tokens - bar.n)))
+        bar.update(kept)
         if seen >= n_tokens:
             break
     bar.close()
