@@ -179,3 +179,16 @@ def test_decoder_row_steps_match_torch(threads):
     assert bool((W[5] == 0).all())
     # what the kernels cannot take is left to PyTorch (False, nothing written)
     assert not kernels.unit_rows(W.T) and not kernels.project_rows(W.double(), G.double())
+
+
+def test_a_new_build_replaces_the_old_ones(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setenv("MONOSEMANTIC_CACHE", str(tmp_path))
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "sparse-0123456789abcdef.so").write_bytes(b"an earlier source's build")
+    assert kernels.enabled()
+    assert len(list((tmp_path / "kernels").glob("sparse-*.so"))) == 1
+    monkeypatch.setattr(kernels, "_tried", False)  # loading again finds it and builds nothing
+    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("rebuilt an existing build"))
+    assert kernels.enabled()

@@ -132,6 +132,9 @@ def _load():
             path = cache_dir() / "kernels" / f"sparse-{key}.so"
             if not path.exists():
                 _build(cc, path, openmp)
+                for old in path.parent.glob("sparse-*.so"):  # earlier sources' builds: 1 s to redo
+                    if old != path:
+                        old.unlink(missing_ok=True)
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("could not build the sparse path's C kernels (%s): using PyTorch ops only", e)
