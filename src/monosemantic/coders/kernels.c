@@ -287,8 +287,9 @@ static void topk_rows(void *p, int64_t r0, int64_t r1) {
 }
 
 /* vals, idx [rows, k] = the k largest entries of each row of pre [rows, n] (row stride ld) plus
- * bias [n], in no particular order. NaN counts as -inf (reported as -inf when a row has fewer
- * than k other values). */
+ * bias [n], in no particular order. NaN is not selected while k other values exist, but a row
+ * holding NaN may lose others of its 16-value group from the selection: such a row's indices are
+ * valid and distinct, its selection unspecified (training refuses non-finite inputs first). */
 void topk_bias(const float *pre, int64_t rows, int64_t n, int64_t ld, const float *bias, int64_t k,
                float *vals, int64_t *idx, int threads) {
     topk_args a = {pre, bias, n, ld, k, vals, idx};

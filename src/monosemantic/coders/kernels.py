@@ -179,7 +179,9 @@ def _check_csr(offsets: Tensor, index: Tensor, n_rows: int, n_features: int) -> 
 
 def topk_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values [rows, k], indices [rows, k] int64): the k largest entries of each row of
-    pre [rows, n] + bias [n], unsorted. pre's rows must be contiguous (any row stride)."""
+    pre [rows, n] + bias [n], unsorted. pre's rows must be contiguous (any row stride). A row
+    holding NaN gets valid, distinct indices but an unspecified selection (torch.topk ranks NaN
+    first)."""
     rows, n = pre.shape
     if not 0 <= k <= n or tuple(bias.shape) != (n,):
         raise ValueError(f"topk_bias: k = {k} of {n} columns, bias {tuple(bias.shape)}")
