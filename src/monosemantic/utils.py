@@ -144,10 +144,17 @@ def release_free_memory() -> None:
     freed blocks for reuse, so the large temporaries of a one-off phase (a coder's initialisation
     on its first batch) would otherwise stay resident, uncounted by any tensor, for the whole run.
     A no-op where the C library has no malloc_trim."""
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc(name: str):
+    """glibc's function `name` through ctypes, or None without glibc (macOS, musl, Windows)."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # no glibc (macOS, musl, Windows)
-        pass
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError, TypeError):
+        return None
 
 
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
@@ -163,11 +170,8 @@ def keep_freed_memory() -> bool:
     its peak. The command-line tool calls this at start (set any of MALLOC_MMAP_THRESHOLD_,
     MALLOC_TRIM_THRESHOLD_, MALLOC_TOP_PAD_ to keep glibc's own policy); the library does not.
     Returns False where there is no glibc (or the user chose a policy)."""
-    if any(name in os.environ for name in MALLOC_ENV):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):
+    mallopt = _glibc("mallopt")
+    if mallopt is None or any(name in os.environ for name in MALLOC_ENV):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     # M_MMAP_THRESHOLD (-3), M_TRIM_THRESHOLD (-1), M_TOP_PAD (-2)

@@ -17,8 +17,9 @@ materialised in the backward, and no [B, K, D] gather either. On the CPU, with a
 steps run in compiled kernels (coders/kernels.py): TopK's selection adds b_enc as it scans the
 GEMM's block (one pass, no bias broadcast), and the weight gradients and the decoder's d acts are
 computed feature by feature from a counting sort of the entries, d W_dec and d acts in one pass.
-The gradients are those of the eager reference (`SparseCoder.forward` + autograd) up to float rounding; tests/unit/test_sparse.py
-checks loss and every gradient for each architecture that takes this path.
+The gradients are those of the eager reference (`SparseCoder.forward` + autograd) up to float
+rounding; tests/unit/test_sparse.py checks loss and every gradient for each architecture that takes
+this path, with the kernels and without.
 
 Selections (`TopKSelection`, `BatchTopKSelection`, `ThresholdSelection`) turn pre-activations into the
 active set. Shapes: B batch, D width, F features, K active per row, N active entries in the batch.
@@ -106,8 +107,6 @@ class TopKSelection(Selection):
     def block_bias(self, pre: Tensor, bias: Tensor):
         """block(pre + bias), through the compiled kernel (`kernels.topk_bias`): no pass to add
         the bias, no copy of the rows."""
-        if self.k > pre.shape[1]:
-            raise RuntimeError(f"selected index k out of range: k = {self.k} of {pre.shape[1]} features")
         return self._part(*kernels.topk_bias(pre, bias, self.k))
 
     def _part(self, vals: Tensor, idx: Tensor):
@@ -191,10 +190,11 @@ def _dense(offsets: Tensor, values: Tensor, n_features: int) -> bool:
 
 def _t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, rhs: Tensor) -> Tensor:
     """S^T @ rhs [F, D] for the [B, F] active set S given as CSR parts."""
-    if not _dense(offsets, values, n_features) and kernels.usable_for(values, rhs):
+    dense = _dense(offsets, values, n_features)
+    if not dense and kernels.usable_for(values, rhs):
         return kernels.t_matmul(offsets, index, values, n_features, rhs)[0]
     S = _csr(offsets, index, values, n_features)
-    return S.to_dense().T @ rhs if _dense(offsets, values, n_features) else S.t() @ rhs
+    return S.to_dense().T @ rhs if dense else S.t() @ rhs
 
 
 def _csr(offsets: Tensor, index: Tensor, values: Tensor, n_features: int) -> Tensor:
@@ -271,10 +271,10 @@ class _Decode(torch.autograd.Function):
             d_W, d_values = kernels.t_matmul(offsets, index, values, n_features, d_out, W_dec)
             return d_values, None, None, d_W
         if ctx.needs_input_grad[0]:
-            pattern = _csr(offsets, index, torch.ones_like(values), W_dec.shape[0])
+            pattern = _csr(offsets, index, torch.ones_like(values), n_features)
             d_values = torch.sparse.sampled_addmm(pattern, d_out, W_dec.T, beta=0.0).values()
         if ctx.needs_input_grad[3]:
-            d_W = _t_matmul(offsets, index, values, W_dec.shape[0], d_out)
+            d_W = _t_matmul(offsets, index, values, n_features, d_out)
         return d_values, None, None, d_W
 
 
