@@ -81,22 +81,27 @@ def seed_everything(seed: int) -> None:
 
 
 class prefetch:
-    """Iterate `source` in a background thread, keeping up to `depth` items ready.
+    """Iterate `source` in a background thread, reading at most `depth` items ahead.
 
     Reading and gathering a batch (numpy / torch calls that release the GIL) then overlaps the
-    training step. An exception in the source is re-raised by `next`. The thread stops when the
-    source ends, on `close()`, or once this object is garbage-collected (a loop left by an
-    exception). The order of items is the source's."""
+    training step. At most `depth` items exist beyond the one the consumer holds (queued, or
+    being read): the thread starts reading the next item only once one is taken. An exception in
+    the source is re-raised by `next`. The thread stops when the source ends, on `close()`, or
+    once this object is garbage-collected (a loop left by an exception). The order of items is
+    the source's."""
 
     def __init__(self, source, depth: int = 2):
         import queue
         import threading
 
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        # the thread holds the queue and the event, not self, so self can be collected
+        self._stop = threading.Event()  # first: __del__ reads it even when __init__ raises
+        if depth < 1:
+            raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(depth)
+        # the thread holds the queue, slots and event, not self, so self can be collected
         self._thread = threading.Thread(target=_prefetch_worker, daemon=True, name="monosemantic-prefetch",
-                                        args=(iter(source), self._queue, self._stop))
+                                        args=(iter(source), self._queue, self._slots, self._stop))
         self._thread.start()
 
     def __iter__(self):
@@ -108,6 +113,7 @@ class prefetch:
             raise err
         if done:
             raise StopIteration
+        self._slots.release()
         return item
 
     def close(self) -> None:
@@ -118,25 +124,23 @@ class prefetch:
         self._stop.set()
 
 
-def _prefetch_worker(it, q, stop) -> None:
-    import queue
-
-    def put(entry) -> bool:
+def _prefetch_worker(it, q, slots, stop) -> None:
+    def slot() -> bool:  # wait until the consumer has taken an item (or we are stopped)
         while not stop.is_set():
-            try:
-                q.put(entry, timeout=0.1)
+            if slots.acquire(timeout=0.1):
                 return True
-            except queue.Full:
-                continue
         return False
 
     try:
-        for item in it:
-            if not put((item, None, False)):
+        while slot():
+            try:
+                item = next(it)
+            except StopIteration:
+                q.put((None, None, True))
                 return
-        put((None, None, True))
+            q.put((item, None, False))
     except BaseException as err:  # handed to the consumer
-        put((None, err, True))
+        q.put((None, err, True))
 
 
 def release_free_memory() -> None:

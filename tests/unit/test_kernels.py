@@ -192,3 +192,64 @@ def test_a_new_build_replaces_the_old_ones(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_tried", False)  # loading again finds it and builds nothing
     monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("rebuilt an existing build"))
     assert kernels.enabled()
+
+
+@pytest.mark.parametrize("project,extra,minus", [(False, False, False), (True, True, False),
+                                                 (False, True, True)])
+def test_sparse_adam_is_torch_adam_on_the_sparse_gradient(threads, project, extra, minus):
+    """Three steps of the fused kernel against S^T R (+ dense rows - u c^T), the decoder row
+    projection, torch.optim.Adam(fused=True) and the renormalisation; the dots are <R[b], W[f]>
+    with W before each step."""
+    gen = torch.Generator().manual_seed(7)
+    B, F, D, k = 96, 300, 40, 6
+    offsets, index = _csr_parts(B, F, k, gen)
+    W0 = torch.nn.functional.normalize(torch.randn(F, D, generator=gen), dim=1)
+    P = torch.nn.Parameter(W0.clone())
+    opt = torch.optim.Adam([P], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, fused=True)
+    W, m, v = W0.clone(), torch.zeros(F, D), torch.zeros(F, D)
+    for step in range(1, 4):
+        values, R = torch.randn(B * k, generator=gen), torch.randn(B, D, generator=gen)
+        rows, rows_grad = torch.tensor([5, 0, 299]), torch.randn(3, D, generator=gen)
+        u, c = torch.randn(F, generator=gen), torch.randn(D, generator=gen)
+        S = _csr(offsets, index, values, F).to_dense()
+        g = S.T @ R
+        if extra:
+            g[rows] += rows_grad
+        if minus:
+            g -= torch.outer(u, c)
+        if project:
+            w = P.detach()
+            g -= (g * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True) * w
+        dots_ref = (R @ P.detach().T).gather(1, index.view(B, k)).flatten()
+        P.grad = g
+        opt.step()
+        if project:
+            with torch.no_grad():
+                P.div_(P.norm(dim=1, keepdim=True))
+        dots = kernels.sparse_adam(offsets, index, values, R, W, m, v, lr=1e-2, beta1=0.9, beta2=0.999,
+                                   eps=1e-8, step=step, extra_rows=rows if extra else None,
+                                   extra=rows_grad if extra else None, minus=(u, c) if minus else None,
+                                   project=project, unit=project, dots=True)
+        torch.testing.assert_close(dots, dots_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(W, P.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m, opt.state[P]["exp_avg"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, opt.state[P]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+def test_sampled_dot_and_sparse_adam_check_their_inputs(threads):
+    gen = torch.Generator().manual_seed(0)
+    offsets, index = _csr_parts(4, 10, 2, gen)
+    R, W = torch.randn(4, 3), torch.randn(10, 3)
+    torch.testing.assert_close(kernels.sampled_dot(offsets, index, R, W),
+                               (R @ W.T).gather(1, index.view(4, 2)).flatten())
+    with pytest.raises(ValueError, match="width"):
+        kernels.sampled_dot(offsets, index, R, torch.randn(10, 4))
+    m, v = torch.zeros(10, 3), torch.zeros(10, 3)
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+    with pytest.raises(ValueError, match="step counts from 1"):
+        kernels.sparse_adam(offsets, index, torch.ones(8), R, W, m, v, step=0, **kw)
+    with pytest.raises(ValueError, match="twice"):
+        kernels.sparse_adam(offsets, index, torch.ones(8), R, W, m, v, step=1, extra_rows=torch.tensor([1, 1]),
+                            extra=torch.ones(2, 3), **kw)
+    with pytest.raises(IndexError):
+        kernels.sparse_adam(offsets, index.clamp_max(9) + 1, torch.ones(8), R, W, m, v, step=1, **kw)

@@ -414,7 +414,7 @@ def test_fvu_loss_is_the_mse_loss_over_the_batch_variance(tmp_path, activation, 
     a batch holding a massive token weighs less."""
     grads = {}
     for loss in ("mse", "fvu"):
-        cfg = TrainConfig(activation=activation, recon_loss=loss, grad_clip=0.0,
+        cfg = TrainConfig(activation=activation, recon_loss=loss, grad_clip=0.0, sparse_adam=False,
                           **{**BASE, **extra, "tokens": 256 * 4, "lr_warmup": 0.0})
         tr = _trainer(tmp_path / loss, [CoderSpec("c", HOOKPOINT, cfg)])
         seen = []

@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from monosemantic.coders import kernels
 from monosemantic.coders.config import CoderConfig
-from monosemantic.coders.sparse import ActiveSet, Selection, TopKSelection, sparse_decode, sparse_encode
+from monosemantic.coders.sparse import (ActiveSet, Selection, TopKSelection, gather_rows, sparse_decode,
+                                        sparse_encode)
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,9 @@ class SparseCoder(nn.Module):
             raise ValueError(f"cfg.activation={cfg.activation!r} but this class is "
                              f"{type(self).__name__} ({self.activation_name!r}); use build_coder(cfg)")
         self.cfg = cfg
+        self.weight_sink = None
+        """Set by the trainer around a forward (train/sparse_adam.SparseAdamStep): the sparse path
+        then hands W_enc's and W_dec's gradient factors to it instead of making .grad."""
         kw = {"device": device, "dtype": dtype}
         f, d_in, d_out = cfg.n_features, cfg.d_in, cfg.d_output
         self.W_enc = nn.Parameter(torch.empty(f, d_in, **kw))
@@ -179,7 +183,7 @@ class SparseCoder(nn.Module):
             raise ValueError(f"{type(self).__name__} in {'training' if self.training else 'eval'} "
                              "mode has no sparse path; use forward()")
         centre = self.b_dec if self.cfg.kind == "sae" else None
-        active = sparse_encode(x, self.W_enc, self.b_enc, select, centre)
+        active = sparse_encode(x, self.W_enc, self.b_enc, select, centre, sink=self.weight_sink)
         self._after_sparse_encode(active)
         return active
 
@@ -190,7 +194,7 @@ class SparseCoder(nn.Module):
         """x [B, D_in] -> SparseForwardOutput: forward() through the sparse path; the top-k family
         has no sparsity or aux loss, so only the output and the active set are returned."""
         active = self.encode_sparse(x)
-        out = sparse_decode(active, self.W_dec) + self.b_dec
+        out = sparse_decode(active, self.W_dec, sink=self.weight_sink, bias=self.b_dec)
         skip = self.skip(x)
         return SparseForwardOutput(out if skip is None else out + skip, active)
 
@@ -249,9 +253,10 @@ class SparseCoder(nn.Module):
         if pre_acts is None:
             dead = dead_mask.nonzero(as_tuple=True)[0]
             centre = self.b_dec if self.cfg.kind == "sae" else None
-            active = sparse_encode(x, self.W_enc[dead], self.b_enc[dead],
+            sink = self.weight_sink
+            active = sparse_encode(x, gather_rows(self.W_enc, dead, sink, "W_enc"), self.b_enc[dead],
                                    TopKSelection(min(k_aux, n_dead)), centre)
-            recon = sparse_decode(active, self.W_dec[dead])
+            recon = sparse_decode(active, gather_rows(self.W_dec, dead, sink, "W_dec"))
         else:
             masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
             vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)

@@ -330,6 +330,58 @@ static void tmm_features(void *p, int64_t f0, int64_t f1) {
     }
 }
 
+/* The entries of a CSR matrix [B, F] sorted by feature (a counting sort, rows ascending within
+ * each feature): start [F + 1], rows [N], ent [N] (each entry's position in the CSR arrays), and
+ * cuts [threads + 1] splitting the features so each thread gets about the same work, an entry
+ * counting 1 and a feature `per_feature`. Returns 0, or -1 when out of memory (nothing kept). */
+typedef struct {
+    int64_t *start, *rows, *ent;
+    int64_t cuts[65];
+    int threads;
+} feature_sort;
+
+static void feature_sort_free(feature_sort *s) {
+    free(s->start); free(s->rows); free(s->ent);
+    s->start = s->rows = s->ent = NULL;
+}
+
+static int feature_sort_make(feature_sort *s, const int64_t *offsets, const int64_t *index,
+                             int64_t B, int64_t F, int threads, int64_t per_feature) {
+    const int64_t N = offsets[B];
+    s->start = (int64_t *)calloc(F + 1, sizeof(int64_t));
+    s->rows = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
+    s->ent = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
+    int64_t *cursor = (int64_t *)malloc((F ? F : 1) * sizeof(int64_t));
+    if (!s->start || !s->rows || !s->ent || !cursor) {
+        free(cursor);
+        feature_sort_free(s);
+        return -1;
+    }
+    for (int64_t e = 0; e < N; e++) s->start[index[e] + 1]++;
+    for (int64_t f = 0; f < F; f++) s->start[f + 1] += s->start[f];
+    memcpy(cursor, s->start, F * sizeof(int64_t));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t e = offsets[b]; e < offsets[b + 1]; e++) {
+            int64_t pos = cursor[index[e]]++;
+            s->rows[pos] = b;
+            s->ent[pos] = e;
+        }
+    free(cursor);
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (threads > F) threads = F > 0 ? (int)F : 1;
+    s->threads = threads;
+    s->cuts[0] = 0;
+    int64_t f = 0;
+    for (int t = 1; t < threads; t++) {
+        const int64_t want = (N + per_feature * F) * t / threads;
+        while (f < F && s->start[f] + per_feature * f < want) f++;
+        s->cuts[t] = f;
+    }
+    s->cuts[threads] = F;
+    return 0;
+}
+
 /* out = S^T @ R, each feature's entries summed in row order (deterministic); with W and dots
  * given, also dots[e] = <R[row of e], W[feature of e]> for every entry, in the same pass (the
  * decoder's backward: d W_dec = acts^T @ d out and d acts = (d out @ W_dec^T) at the active
@@ -337,41 +389,134 @@ static void tmm_features(void *p, int64_t f0, int64_t f1) {
 int t_matmul(const int64_t *offsets, const int64_t *index, const float *values, int64_t B,
              int64_t F, const float *R, int64_t D, int64_t ldr, float *out, const float *W,
              float *dots, int threads) {
-    const int64_t N = offsets[B];
-    int64_t *start = (int64_t *)calloc(F + 1, sizeof(int64_t));
-    int64_t *cursor = (int64_t *)malloc((F ? F : 1) * sizeof(int64_t));
-    int64_t *rows = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
-    int64_t *ent = (int64_t *)malloc((N ? N : 1) * sizeof(int64_t));
-    int64_t cuts[65];
-    if (!start || !cursor || !rows || !ent) {
-        free(start); free(cursor); free(rows); free(ent);
+    feature_sort s;
+    if (feature_sort_make(&s, offsets, index, B, F, threads, 1) != 0) return -1;
+    tmm_args a = {s.start, s.rows, s.ent, values, R, D, ldr, out, dots ? W : NULL, dots};
+    parallel_for(tmm_features, &a, F, s.threads, s.cuts);
+    feature_sort_free(&s);
+    return 0;
+}
+
+/* ---- sampled dots: <R[row], W[feature]> at each entry of a CSR matrix ---------------------- */
+
+typedef struct {
+    const int64_t *offsets, *index;
+    const float *R, *W;
+    int64_t D, ldr;
+    float *dots;
+} sdot_args;
+
+static void sdot_rows(void *p, int64_t b0, int64_t b1) {
+    const sdot_args *a = (const sdot_args *)p;
+    for (int64_t b = b0; b < b1; b++) {
+        const float *r = a->R + b * a->ldr;
+        for (int64_t e = a->offsets[b]; e < a->offsets[b + 1]; e++)
+            a->dots[e] = dot(r, a->W + a->index[e] * a->D, a->D);
+    }
+}
+
+/* dots[e] = <R[b], W[index[e]]> for every entry e of row b (the decoder's d acts, when its weight
+ * gradient is left to sparse_adam) */
+void sampled_dot(const int64_t *offsets, const int64_t *index, int64_t B, const float *R,
+                 int64_t D, int64_t ldr, const float *W, float *dots, int threads) {
+    sdot_args a = {offsets, index, R, W, D, ldr, dots};
+    parallel_for(sdot_rows, &a, B, threads, NULL);
+}
+
+/* ---- Adam on a weight whose gradient is S^T @ R (+ a few dense rows), row by row -------------- */
+
+typedef struct {
+    const feature_sort *s;
+    const float *values, *R;
+    int64_t D, ldr;
+    const int64_t *extra_pos;  /* [F]: the row of `extra` added to feature f's gradient, or -1 */
+    const float *extra;
+    const float *u, *c;          /* the gradient less u[f] c, or NULL */
+    float *W, *m, *v, *scratch;  /* scratch: one D-row per thread */
+    float *dots;                 /* [N] <R[row], W[feature]> before the step, per entry; or NULL */
+    float beta1, beta2, c1, c2, eps, step_size, bc2_sqrt;  /* c = 1 - beta, from doubles */
+    int project, unit;
+} adam_args;
+
+static void adam_features(void *p, int64_t f0, int64_t f1) {
+    const adam_args *a = (const adam_args *)p;
+    const feature_sort *s = a->s;
+    const int64_t D = a->D;
+    int t = 0;
+    while (t < s->threads && s->cuts[t] != f0) t++;  /* this range's thread: its scratch row */
+    float *restrict g = a->scratch + t * D;
+    const float b1 = a->beta1, b2 = a->beta2, c1 = a->c1, c2 = a->c2;
+    for (int64_t f = f0; f < f1; f++) {
+        int64_t e = s->start[f], e1 = s->start[f + 1];
+        float *restrict w = a->W + f * D;
+        if (e == e1) memset(g, 0, D * sizeof(float));
+        for (int64_t first = 1; e < e1; e++, first = 0) {
+            const float *restrict r = a->R + s->rows[e] * a->ldr;
+            const float val = a->values[s->ent[e]];
+            if (first)
+                for (int64_t d = 0; d < D; d++) g[d] = val * r[d];
+            else
+                for (int64_t d = 0; d < D; d++) g[d] += val * r[d];
+            if (a->dots) a->dots[s->ent[e]] = dot(r, w, D);  /* W's row before its step */
+        }
+        if (a->extra_pos && a->extra_pos[f] >= 0) {
+            const float *restrict x = a->extra + a->extra_pos[f] * D;
+            for (int64_t d = 0; d < D; d++) g[d] += x[d];
+        }
+        if (a->u) {
+            const float uf = a->u[f];
+            const float *restrict c = a->c;
+            for (int64_t d = 0; d < D; d++) g[d] -= uf * c[d];
+        }
+        float *restrict m = a->m + f * D;
+        float *restrict v = a->v + f * D;
+        if (a->project) {  /* the gradient's component along the (unit) decoder row removed */
+            const float sq = dot(w, w, D);
+            if (sq > 0) {
+                const float c = dot(g, w, D) / sq;
+                for (int64_t d = 0; d < D; d++) g[d] -= c * w[d];
+            }
+        }
+        for (int64_t d = 0; d < D; d++) {  /* torch.optim.Adam's update, no weight decay */
+            m[d] = b1 * m[d] + c1 * g[d];
+            v[d] = b2 * v[d] + c2 * g[d] * g[d];
+            w[d] -= a->step_size * m[d] / (sqrtf(v[d]) / a->bc2_sqrt + a->eps);
+        }
+        if (a->unit) {
+            const float norm = sqrtf(dot(w, w, D));
+            if (norm > 0)
+                for (int64_t d = 0; d < D; d++) w[d] /= norm;
+        }
+    }
+}
+
+/* One Adam step of W [F, D] (moments m, v) whose gradient is S^T @ R for the CSR matrix S [B, F]
+ * and R [B, D] (row stride ldr), plus extra[extra_pos[f]] for features with extra_pos[f] >= 0
+ * (extra_pos may be NULL), less u[f] c when u and c are given (the encoder's centre folded into its
+ * bias): each feature's gradient row is formed in a scratch row, optionally
+ * projected off the row of W (project), applied, and the row of W optionally renormalised (unit).
+ * With dots given, also dots[e] = <R[row of e], W[feature of e]> with W's row as it was before
+ * the step (the decoder's d acts, in the same pass over R). No [F, D] gradient exists at any point. c1 = 1 - beta1 and c2 = 1 - beta2 (computed in double
+ * precision: 1 - 0.999f is off by 1e-5), step_size = lr / (1 - beta1^t), bc2_sqrt =
+ * sqrt(1 - beta2^t). Returns 0, or -1 when out of memory (nothing written). */
+int sparse_adam(const int64_t *offsets, const int64_t *index, const float *values, int64_t B,
+                int64_t F, const float *R, int64_t D, int64_t ldr, const int64_t *extra_pos,
+                const float *extra, const float *u, const float *c, float *W, float *m, float *v,
+                float beta1, float beta2,
+                float c1, float c2, float eps, float step_size, float bc2_sqrt, int project, int unit,
+                float *dots, int threads) {
+    feature_sort s;
+    if (feature_sort_make(&s, offsets, index, B, F, threads, 4) != 0) return -1;
+    float *scratch = (float *)malloc((size_t)s.threads * (D ? D : 1) * sizeof(float));
+    if (!scratch) {
+        feature_sort_free(&s);
         return -1;
     }
-    /* a counting sort of the entries by feature, rows ascending within each */
-    for (int64_t e = 0; e < N; e++) start[index[e] + 1]++;
-    for (int64_t f = 0; f < F; f++) start[f + 1] += start[f];
-    memcpy(cursor, start, F * sizeof(int64_t));
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t e = offsets[b]; e < offsets[b + 1]; e++) {
-            int64_t pos = cursor[index[e]]++;
-            rows[pos] = b;
-            ent[pos] = e;
-        }
-    /* split the features so each thread gets about the same number of entries (plus rows) */
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    if (threads > F) threads = F > 0 ? (int)F : 1;
-    cuts[0] = 0;
-    int64_t f = 0;
-    for (int t = 1; t < threads; t++) {
-        const int64_t want = (N + F) * t / threads;
-        while (f < F && start[f] + f < want) f++;
-        cuts[t] = f;
-    }
-    cuts[threads] = F;
-    tmm_args a = {start, rows, ent, values, R, D, ldr, out, dots ? W : NULL, dots};
-    parallel_for(tmm_features, &a, F, threads, cuts);
-    free(start); free(cursor); free(rows); free(ent);
+    adam_args a = {&s, values, R, D, ldr, extra_pos, extra, u, c, W, m, v, scratch,
+                   dots, beta1, beta2, c1, c2, eps, step_size, bc2_sqrt, project, unit};
+    parallel_for(adam_features, &a, F, s.threads, s.cuts);
+    free(scratch);
+    feature_sort_free(&s);
     return 0;
 }
 

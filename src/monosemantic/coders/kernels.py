@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -98,7 +99,8 @@ def _build(cc: str, out: Path, openmp: bool) -> None:
         # Some compilers (or CPUs) have no -march=native or no OpenMP: try without them.
         omp = [["-march=native", "-fopenmp"], ["-fopenmp"]] if openmp else []
         for flags in (*omp, ["-march=native"], []):
-            cmd = [cc, "-O3", *flags, "-std=c99", "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", tmp]
+            # -fno-math-errno: sqrtf vectorises (no errno is read anywhere)
+            cmd = [cc, "-O3", "-fno-math-errno", *flags, "-std=c99", "-fPIC", "-shared", "-pthread", str(SOURCE), "-o", tmp]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode == 0:
                 os.replace(tmp, out)
@@ -145,6 +147,13 @@ def _load():
         lib.t_matmul.argtypes = [_i64, _i64, _f32, ctypes.c_int64, ctypes.c_int64, _f32,
                                  ctypes.c_int64, ctypes.c_int64, _f32, _f32, _f32, ctypes.c_int]
         lib.t_matmul.restype = ctypes.c_int
+        lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64,
+                                    ctypes.c_int64, _f32, _f32, ctypes.c_int]
+        lib.sampled_dot.restype = None
+        lib.sparse_adam.argtypes = [_i64, _i64, _f32, ctypes.c_int64, ctypes.c_int64, _f32,
+                                    ctypes.c_int64, ctypes.c_int64, _i64, _f32, _f32, _f32, _f32,
+                                    _f32, _f32, *[ctypes.c_float] * 7, ctypes.c_int, ctypes.c_int, _f32, ctypes.c_int]
+        lib.sparse_adam.restype = ctypes.c_int
         lib.project_rows.argtypes = [_f32, _f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         lib.project_rows.restype = None
         lib.unit_rows.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
@@ -218,6 +227,77 @@ def t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, R:
                         None if dots is None else _ptr(dots, _f32), _threads()) != 0:
         raise MemoryError("t_matmul: out of memory for the feature-sorted entries")
     return out, dots
+
+
+def sampled_dot(offsets: Tensor, index: Tensor, R: Tensor, W: Tensor) -> Tensor:
+    """dots [N]: <R[b], W[f]> for each entry (b, f) of the CSR pattern (offsets [B + 1], index [N])
+    with R [B, D] and W [F, D]."""
+    offsets, index, W = offsets.contiguous(), index.contiguous(), W.detach().contiguous()
+    _check_csr(offsets, index, R.shape[0], W.shape[0])
+    if R.ndim != 2 or W.shape[1] != R.shape[1]:
+        raise ValueError(f"sampled_dot: R {tuple(R.shape)} and W {tuple(W.shape)} differ in width")
+    if R.stride(1) != 1:
+        R = R.contiguous()
+    dots = R.new_empty(index.numel())
+    if index.numel():
+        _load().sampled_dot(_ptr(offsets, _i64), _ptr(index, _i64), offsets.numel() - 1,
+                            _ptr(R, _f32), R.shape[1], R.stride(0), _ptr(W, _f32), _ptr(dots, _f32),
+                            _threads())
+    return dots
+
+
+def sparse_adam(offsets: Tensor, index: Tensor, values: Tensor, R: Tensor, W: Tensor, m: Tensor,
+                v: Tensor, *, lr: float, beta1: float, beta2: float, eps: float, step: int,
+                extra_rows: Tensor | None = None, extra: Tensor | None = None,
+                minus: tuple[Tensor, Tensor] | None = None, project: bool = False, unit: bool = False, dots: bool = False) -> Tensor | None:
+    """One Adam step (torch.optim.Adam's, without weight decay; `step` counts this one) of W [F, D]
+    with moments m, v, in place, for the gradient S^T @ R + (rows `extra_rows` [n] of it: += extra
+    [n, D]) - u (x) c for minus = (u [F], c [D]), S the CSR matrix [B, F] (offsets, index, values)
+    and R [B, D]. Each feature's gradient
+    row is formed, used and dropped in turn: no [F, D] gradient exists. `project`: first remove
+    the row's component along W's row; `unit`: renormalise W's row after the step (the
+    decoder-norm constraint's two steps). `dots`: also return [N] <R[b], W[f]> for each entry
+    (b, f), W as it was before the step (the decoder's d acts), from the same pass over R."""
+    offsets, index, values = offsets.contiguous(), index.contiguous(), values.detach().contiguous()
+    F_, D = W.shape
+    _check_csr(offsets, index, R.shape[0], F_)
+    if values.numel() != index.numel() or R.ndim != 2 or R.shape[1] != D:
+        raise ValueError(f"sparse_adam: values must match index and R [B, {D}]")
+    if not (_rows_ok(W, m, v) and W.shape == m.shape == v.shape):
+        raise ValueError("sparse_adam: W, m and v must be contiguous float32 [F, D] on the CPU")
+    if step < 1:
+        raise ValueError(f"sparse_adam: step counts from 1, got {step}")
+    if R.stride(1) != 1:
+        R = R.contiguous()
+    pos = None
+    if extra_rows is not None and extra_rows.numel():
+        extra = extra.detach().contiguous()
+        if extra.shape != (extra_rows.numel(), D) or int(extra_rows.min()) < 0 or int(extra_rows.max()) >= F_:
+            raise ValueError(f"sparse_adam: extra rows must be [n, {D}] for features in [0, {F_})")
+        pos = torch.full((F_,), -1, dtype=torch.int64)
+        pos[extra_rows] = torch.arange(extra_rows.numel())
+        if int((pos >= 0).sum()) != extra_rows.numel():
+            raise ValueError("sparse_adam: a feature appears twice in extra_rows")
+    if minus is not None:
+        u, c = (t.detach().contiguous() for t in minus)
+        if u.shape != (F_,) or c.shape != (D,) or not usable_for(u, c):
+            raise ValueError(f"sparse_adam: minus must be float32 ([{F_}], [{D}]) on the CPU")
+    step_size = lr / (1 - beta1 ** step)
+    bc2_sqrt = math.sqrt(1 - beta2 ** step)
+    out = R.new_empty(index.numel()) if dots else None
+    if _load().sparse_adam(_ptr(offsets, _i64), _ptr(index, _i64), _ptr(values, _f32),
+                           offsets.numel() - 1, F_, _ptr(R, _f32), D, R.stride(0),
+                           None if pos is None else _ptr(pos, _i64),
+                           None if pos is None else _ptr(extra, _f32),
+                           None if minus is None else _ptr(u, _f32),
+                           None if minus is None else _ptr(c, _f32), _ptr(W.detach(), _f32),
+                           _ptr(m, _f32), _ptr(v, _f32), beta1, beta2, 1 - beta1, 1 - beta2, eps,
+                           step_size, bc2_sqrt,
+                           int(project), int(unit), None if out is None else _ptr(out, _f32),
+                           _threads()) != 0:
+        raise MemoryError("sparse_adam: out of memory for the feature-sorted entries")
+    torch.autograd.graph.increment_version(W)
+    return out
 
 
 def _rows_ok(*tensors: Tensor) -> bool:

@@ -209,8 +209,15 @@ class _Encode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, centre: Tensor | None, W_enc: Tensor, b_enc: Tensor,
-                select: Selection, chunk: int):
-        xin = x if centre is None else x - centre
+                select: Selection, chunk: int, sink=None):
+        # In training (a sink): (x - centre) @ W_enc.T + b_enc = x @ W_enc.T + (b_enc - W_enc @ centre),
+        # the centre folded into the bias, so no centred [B, D] copy of x is made, nor kept for the
+        # backward. Elsewhere x is centred first, as the eager forward does, so that thresholds
+        # (JumpReLU, BatchTopK at inference) see the same rounding on either path.
+        fold = centre is not None and sink is not None
+        xin = x if centre is None or fold else x - centre
+        if fold:
+            b_enc = torch.addmv(b_enc, W_enc, centre, alpha=-1)
         # one [chunk, F] block reused for every chunk (no fresh pages per chunk); selections copy
         # what they keep out of it
         block = xin.new_empty(min(chunk, xin.shape[0]), W_enc.shape[0])
@@ -231,33 +238,44 @@ class _Encode(torch.autograd.Function):
         counts, index, values = result
         offsets = F_.pad(counts.cumsum(0), (1, 0))
         values = values.clamp_min(0)
-        ctx.save_for_backward(xin, W_enc, index, offsets, values)
+        ctx.save_for_backward(xin, W_enc, index, offsets, values, centre if fold else None)
         ctx.has_centre = centre is not None
+        ctx.sink = sink
         ctx.mark_non_differentiable(index, offsets)
         return values, index, offsets
 
     @staticmethod
     def backward(ctx, d_values: Tensor, _d_index, _d_offsets):
-        xin, W_enc, index, offsets, values = ctx.saved_tensors
+        xin, W_enc, index, offsets, values, centre = ctx.saved_tensors
         n_features = W_enc.shape[0]
         g = d_values * (values > 0)  # the ReLU
         need_x, need_centre, need_w, need_b = ctx.needs_input_grad[:4]
-        d_W = _t_matmul(offsets, index, g, n_features, xin) if need_w else None
+        sink = ctx.sink if need_w else None
         d_b = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, index, g)
+        d_W = None
+        if need_w and sink is None:  # S^T (x - centre) = S^T x - (column sums of S) (x) centre
+            d_W = _t_matmul(offsets, index, g, n_features, xin)
+            if centre is not None:
+                d_W.addr_(d_b, centre, alpha=-1)
         d_x = (_csr(offsets, index, g, n_features) @ W_enc) if need_x else None
         # sum over rows of S @ W_enc = (column sums of S) @ W_enc = d_b @ W_enc
         d_centre = -(d_b @ W_enc) if (ctx.has_centre and need_centre) else None
-        return d_x, d_centre, d_W, d_b if need_b else None, None, None
+        if sink is not None:  # last: the sink may update W_enc in place (train/sparse_adam.py)
+            sink.take("W_enc", offsets, index, g, xin, minus=None if centre is None else (d_b, centre))
+        return d_x, d_centre, d_W, d_b if need_b else None, None, None, None
 
 
 class _Decode(torch.autograd.Function):
     """(values, index, offsets, W_dec) -> acts @ W_dec [B, D_out] through the active rows only."""
 
     @staticmethod
-    def forward(ctx, values: Tensor, index: Tensor, offsets: Tensor, W_dec: Tensor) -> Tensor:
+    def forward(ctx, values: Tensor, index: Tensor, offsets: Tensor, W_dec: Tensor, sink=None,
+                bias: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(values, index, offsets, W_dec)
-        return F_.embedding_bag(index, W_dec, offsets, mode="sum", per_sample_weights=values,
-                                include_last_offset=True)
+        ctx.sink = sink
+        out = F_.embedding_bag(index, W_dec, offsets, mode="sum", per_sample_weights=values,
+                               include_last_offset=True)
+        return out if bias is None else out.add_(bias)  # in place: no second [B, D]
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
@@ -265,27 +283,55 @@ class _Decode(torch.autograd.Function):
         d_values = d_W = None
         d_out = d_out.contiguous()
         n_features = W_dec.shape[0]
+        d_bias = d_out.sum(0) if ctx.needs_input_grad[5] else None
+        if ctx.sink is not None and ctx.needs_input_grad[3]:  # W_dec's gradient goes to the sink
+            d_values = ctx.sink.take("W_dec", offsets, index, values, d_out,
+                                     dots_with=W_dec if ctx.needs_input_grad[0] else None)
+            return d_values, None, None, None, None, d_bias
         if (all(ctx.needs_input_grad[i] for i in (0, 3)) and not _dense(offsets, values, n_features)
                 and kernels.usable_for(values, d_out, W_dec)):
             # both in one pass over the entries (each d_out row read once, not twice)
             d_W, d_values = kernels.t_matmul(offsets, index, values, n_features, d_out, W_dec)
-            return d_values, None, None, d_W
+            return d_values, None, None, d_W, None, d_bias
         if ctx.needs_input_grad[0]:
             pattern = _csr(offsets, index, torch.ones_like(values), n_features)
             d_values = torch.sparse.sampled_addmm(pattern, d_out, W_dec.T, beta=0.0).values()
         if ctx.needs_input_grad[3]:
             d_W = _t_matmul(offsets, index, values, n_features, d_out)
-        return d_values, None, None, d_W
+        return d_values, None, None, d_W, None, d_bias
 
 
 def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selection,
-                  centre: Tensor | None = None, chunk: int = CHUNK_ROWS) -> ActiveSet:
+                  centre: Tensor | None = None, chunk: int = CHUNK_ROWS, sink=None) -> ActiveSet:
     """The active set of ReLU(select((x - centre) @ W_enc.T + b_enc)), differentiable in x,
-    centre, W_enc and b_enc through the selected entries."""
-    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk)
+    centre, W_enc and b_enc through the selected entries. With a `sink`
+    (train/sparse_adam.SparseAdamStep) W_enc gets no .grad: its gradient's factors go to
+    `sink.take("W_enc", ...)` instead."""
+    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk, sink)
     return ActiveSet(values, index, offsets)
 
 
-def sparse_decode(active: ActiveSet, W_dec: Tensor) -> Tensor:
-    """[B, D_out] = acts @ W_dec over the active entries (no decoder bias)."""
-    return _Decode.apply(active.values, active.index, active.offsets, W_dec)
+def sparse_decode(active: ActiveSet, W_dec: Tensor, sink=None, bias: Tensor | None = None) -> Tensor:
+    """[B, D_out] = acts @ W_dec (+ bias [D_out], added in place) over the active entries. With a
+    `sink`, W_dec's gradient goes to `sink.take("W_dec", ...)` instead of .grad."""
+    return _Decode.apply(active.values, active.index, active.offsets, W_dec, sink, bias)
+
+
+class _Rows(torch.autograd.Function):
+    """W[rows], whose gradient goes to `sink.take_rows(name, rows, grad)` instead of a dense [F, D]
+    gradient of W."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, rows: Tensor, sink, name: str) -> Tensor:
+        ctx.rows, ctx.sink, ctx.name = rows, sink, name
+        return W.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        ctx.sink.take_rows(ctx.name, ctx.rows, grad)
+        return None, None, None, None
+
+
+def gather_rows(W: Tensor, rows: Tensor, sink=None, name: str = "") -> Tensor:
+    """W[rows] (differentiable); with a `sink`, the rows' gradient goes to it under `name`."""
+    return W[rows] if sink is None else _Rows.apply(W, rows, sink, name)

@@ -164,6 +164,11 @@ class TrainConfig:
     sparse_path: bool = True
     """Train the top-k family through the sparse path (coders/sparse.py: one dense encoder GEMM,
     everything else on the active features only); False = the eager dense reference."""
+    sparse_adam: bool = True
+    """On the sparse path, take W_enc's and W_dec's Adam steps straight from the backward's sparse
+    factors (train/sparse_adam.py): no [F, D] gradients are stored, the same Adam up to float
+    rounding. Applies without gradient clipping or data-parallel gradient all-reduce. False = the
+    gradients land in .grad (for hooks that read them)."""
     seed: int = 0
     """Seed of initialisation and data order."""
     checkpoint_every: int = 200

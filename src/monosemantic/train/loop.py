@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder
@@ -46,6 +45,7 @@ from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
 from .config import Resolved, TrainConfig, clip_gradients, lr_factor, ramp
 from .dead import DeadTracker, resample_dead
 from .distributed import Parallel
+from .sparse_adam import SparseAdamStep
 
 log = logging.getLogger(__name__)
 RUN_FORMAT = "monosemantic.run/1"
@@ -80,15 +80,18 @@ class _State:
         unless the architecture requires unit norm, as gated does)."""
         return self.coder.unit_norm_decoder or self.coder.cfg.resolved_penalty not in ("l1", "lp")
 
-    def optimizer_step(self) -> float | None:
+    def optimizer_step(self, sink: SparseAdamStep | None = None) -> float | None:
         """The update after the backward, for local and e2e training alike: the decoder gradient's
         component along each (unit) row removed, the gradient clipped (grad_clip), Adam, the rows
-        renormalised. Returns the gradient norm before clipping (None when clipping is off)."""
+        renormalised. Returns the gradient norm before clipping (None when clipping is off).
+        `sink`: the step's SparseAdamStep, which takes (or has taken) W_enc's and W_dec's part."""
+        if sink is not None:
+            sink.finish()
         if self.constrained:
-            self.coder.remove_gradient_parallel_to_decoder()
+            self.coder.remove_gradient_parallel_to_decoder()  # nothing to do without W_dec.grad
         norm = clip_gradients(self.coder, self.res.grad_clip)
-        self.opt.step()
-        if self.constrained:
+        self.opt.step()  # the parameters with a .grad
+        if self.constrained and not (sink is not None and sink.decoder_done):
             self.coder.set_decoder_to_unit_norm()
         return norm
 
@@ -214,7 +217,7 @@ class Trainer:
         bar = tqdm(total=self.steps, initial=start, unit="step", desc="training",
                    disable=not (progress and main), dynamic_ncols=True)
         # in a torchrun run: this rank's rows of each batch; read in a thread during the step
-        it = prefetch(batches(start))
+        it = prefetch(batches(start), depth=1)  # one batch read during each step
         for step in range(start, self.steps):
             batch = self.parallel.exchange(next(it), step, to_owners=self.objective is None)
             clean = None if self.objective is None else self.objective.clean(batch, step)
@@ -265,27 +268,39 @@ class Trainer:
         for g in st.opt.param_groups:
             g["lr"] = st.res.lr * lr_factor(step, self.steps, c.lr_warmup, c.lr_decay)
         p = c.p if c.p_end <= 0 else c.p + (c.p_end - c.p) * step / max(1, self.steps - 1)
-        if c.sparse_path and coder.has_sparse_path:  # top-k family: coders/sparse.py
-            sparse = coder.forward_sparse(x)
-            pred, pre_acts, loss = sparse.out, None, 0.0
-        else:
-            out = coder(x, target=None if c.kind == "sae" else y)
-            pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
-        recon = F.mse_loss(pred, y, reduction="sum") / max(1, y.shape[0])  # no [B, D] error kept
-        loss = recon + loss
-        fvu_loss = st.res.recon_loss == "fvu"
-        local_total = (y - y.mean(0)).pow(2).sum().detach()  # this rank's rows' variance
-        total = self._global_variance(y) if fvu_loss and self.parallel.mode == "data" else local_total
-        if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
-            penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
-            loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
-        if coder.cfg.k is not None and c.auxk_coef > 0:
-            dead = st.dead.dead_mask.to(x.device)
-            if dead.any():
+        sparse_path = c.sparse_path and coder.has_sparse_path  # top-k family: coders/sparse.py
+        dead = (st.dead.dead_mask.to(x.device) if coder.cfg.k is not None and c.auxk_coef > 0
+                else None)
+        use_auxk = dead is not None and bool(dead.any())
+        # W_enc's and W_dec's Adam steps straight from the sparse factors, no [F, D] gradients
+        # (train/sparse_adam.py); inside the backward unless AuxK adds its rows' gradients
+        sink = (SparseAdamStep(st.opt, coder, st.constrained, exclusive=not use_auxk)
+                if sparse_path and c.sparse_adam and SparseAdamStep.usable(st.opt, coder, st.res.grad_clip,
+                                                         self.parallel.mode == "data") else None)
+        coder.weight_sink = sink
+        try:
+            if sparse_path:
+                sparse = coder.forward_sparse(x)
+                pred, pre_acts, loss = sparse.out, None, 0.0
+            else:
+                out = coder(x, target=None if c.kind == "sae" else y)
+                pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
+            recon = squared_error(pred, y) / max(1, y.shape[0])  # no [B, D] error made or kept
+            loss = recon + loss
+            if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
+                penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
+                loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
+            if use_auxk:
                 auxk = coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred)
                 err = (y - pred).detach()
                 resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
                 loss = loss + c.auxk_coef * auxk * resid_var
+        finally:
+            coder.weight_sink = None
+        fvu_loss = st.res.recon_loss == "fvu"
+        # this rank's rows' variance (one pass, no [B, D] temporaries)
+        local_total = (torch.var(y.detach(), dim=0, correction=0).sum() * y.shape[0])
+        total = self._global_variance(y) if fvu_loss and self.parallel.mode == "data" else local_total
         if fvu_loss and total > 0:  # per token -> over the (global) batch's total variance
             loss = loss * (x.shape[0] / total)
         if not torch.isfinite(loss):
@@ -296,7 +311,7 @@ class Trainer:
         loss.backward()
         # data-parallel: the whole batch's gradient (an fvu loss is already a share of the global one)
         self.parallel.reduce_gradients(coder, None if fvu_loss else x.shape[0])
-        grad_norm = st.optimizer_step()
+        grad_norm = st.optimizer_step(sink)
         if sparse is None:
             st.dead.update(out.acts.detach())
         else:
@@ -415,6 +430,30 @@ class Trainer:
                 "recon_loss": st.res.recon_loss})
         self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
         return coders
+
+
+class _SquaredError(torch.autograd.Function):
+    """sum((pred - target)^2), its forward in blocks of rows: F.mse_loss makes the whole [B, D]
+    error first. The backward makes the one [B, D] it must, the gradient."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor) -> Tensor:
+        ctx.save_for_backward(pred, target)
+        total = pred.new_zeros((), dtype=torch.float64)
+        for i in range(0, pred.shape[0], 256):
+            total += (pred[i:i + 256] - target[i:i + 256]).square_().sum()
+        return total.to(pred.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pred, target = ctx.saved_tensors
+        d = torch.sub(pred, target).mul_(2 * grad)
+        return d, (-d if ctx.needs_input_grad[1] else None)
+
+
+def squared_error(pred: Tensor, target: Tensor) -> Tensor:
+    """sum((pred - target)^2) over every element, differentiable in both; no [B, D] temporary."""
+    return _SquaredError.apply(pred, target)
 
 
 def _summary(metrics: dict[str, dict[str, float]]) -> dict[str, str]:

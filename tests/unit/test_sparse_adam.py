@@ -1,0 +1,104 @@
+"""train/sparse_adam.py: W_enc's and W_dec's Adam steps from the sparse path's factors give the
+training the ordinary gradients and torch.optim.Adam give, without storing the gradients."""
+
+import pytest
+import torch
+
+from monosemantic.coders import kernels
+from monosemantic.toy import ToyConfig, ToyData
+from monosemantic.train import CoderSpec, TrainConfig, Trainer
+from monosemantic.train.loop import squared_error
+from monosemantic.train.sparse_adam import SparseAdamStep
+from monosemantic.train.toy_run import HOOKPOINT, toy_batches
+from monosemantic.utils import prefetch
+
+TOY = ToyConfig(d=16, n_features=32, mean_active=2, seed=1)
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="no C compiler: kernels not built")
+
+
+def _train(out, **kw):
+    cfg = TrainConfig(**{**dict(k=3, tokens=256 * 12, batch_size=256, n_features=48, lr=3e-3,
+                                log_every=100, checkpoint_every=1000), **kw})
+    kind = cfg.kind
+    widths = {HOOKPOINT: TOY.d, "out": TOY.d}
+    spec = CoderSpec("c", HOOKPOINT, cfg, out_hookpoint="" if kind == "sae" else "out")
+    tr = Trainer([spec], widths, out)
+    seen = []
+    step = tr._step
+
+    def spy(st, batch, i):
+        step(st, batch, i)
+        seen.append((st.coder.W_enc.grad is None, st.coder.W_dec.grad is None))
+    tr._step = spy
+
+    def batches(start):
+        for b in toy_batches(ToyData(TOY), 256, 0)(start):
+            x = b[HOOKPOINT]
+            yield {HOOKPOINT: x, "out": x.flip(1) * 0.5}
+    tr.fit(batches, progress=False)
+    return tr.states[0], seen
+
+
+AUXK = {"dead_tokens": 256, "n_features": 400}  # many features dead after one batch: AuxK runs
+
+
+@pytest.mark.parametrize("extra", [{}, AUXK, {"kind": "transcoder"},
+                                   {"activation": "batchtopk", "grad_clip": 0.0, **AUXK}],
+                         ids=["topk", "topk-auxk", "transcoder", "batchtopk-auxk"])
+def test_fused_adam_trains_as_torch_adam_does(tmp_path, monkeypatch, extra):
+    rows = []
+    take_rows = SparseAdamStep.take_rows
+    monkeypatch.setattr(SparseAdamStep, "take_rows", lambda self, *a: (rows.append(a[0]), take_rows(self, *a)))
+    fused, seen = _train(tmp_path / "fused", **extra)
+    plain, plain_seen = _train(tmp_path / "plain", sparse_adam=False, **extra)
+    assert all(enc and dec for enc, dec in seen)  # no [F, D] gradient was ever stored
+    assert not any(enc or dec for enc, dec in plain_seen)
+    # with AuxK the dead rows' dense gradients were folded into both weights' steps
+    if "dead_tokens" in extra:
+        assert rows
+    for name, p in plain.coder.named_parameters():
+        torch.testing.assert_close(getattr(fused.coder, name), p, rtol=2e-3, atol=2e-4, msg=name)
+    for p, q in zip(plain.coder.parameters(), fused.coder.parameters()):
+        a, b = plain.opt.state[p], fused.opt.state[q]
+        assert float(a["step"]) == float(b["step"]) == 12
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=5e-3, atol=1e-9)
+
+
+def test_fused_adam_stays_off_with_gradient_clipping(tmp_path):
+    _, seen = _train(tmp_path / "clip", grad_clip=1.0)
+    assert not any(enc or dec for enc, dec in seen)
+
+
+def test_squared_error_matches_mse_loss_and_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    pred = torch.randn(700, 9, generator=gen, requires_grad=True)
+    target = torch.randn(700, 9, generator=gen, requires_grad=True)
+    loss = squared_error(pred, target)
+    ref = torch.nn.functional.mse_loss(pred, target, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    g = torch.autograd.grad(loss * 3, (pred, target))
+    h = torch.autograd.grad(ref * 3, (pred, target))
+    for a, b in zip(g, h):
+        torch.testing.assert_close(a, b)
+
+
+def test_prefetch_reads_at_most_depth_ahead():
+    made = []
+
+    def source():
+        for i in range(10):
+            made.append(i)
+            yield i
+
+    it = prefetch(source(), depth=1)
+    import time
+
+    time.sleep(0.3)
+    assert made == [0]  # one read ahead, no more
+    assert next(it) == 0
+    time.sleep(0.3)
+    assert made == [0, 1]
+    assert list(it) == list(range(1, 10))
+    with pytest.raises(ValueError, match="depth"):
+        prefetch([], depth=0)
