@@ -253,3 +253,33 @@ def test_sampled_dot_and_sparse_adam_check_their_inputs(threads):
                             extra=torch.ones(2, 3), **kw)
     with pytest.raises(IndexError):
         kernels.sparse_adam(offsets, index.clamp_max(9) + 1, torch.ones(8), R, W, m, v, step=1, **kw)
+
+
+@pytest.mark.parametrize("n,k,width", [(9216, 32, 4608), (1000, 7, 300), (130, 40, 40), (50, 3, 16)])
+def test_topk_bias_over_feature_blocks_selects_the_whole_rows_top_k(threads, n, k, width):
+    """The row's k-heap carried from block to block (`into=`) ends with the whole row's top k, as
+    the encoder's feature blocks (sparse.FEATURE_BLOCK) use it; indices count from each block's
+    offset."""
+    from monosemantic.coders.sparse import TopKSelection
+
+    gen = torch.Generator().manual_seed(n + k)
+    x, W, b = torch.randn(70, 24, generator=gen), torch.randn(n, 24, generator=gen), torch.randn(n, generator=gen)
+    counts, idx, vals = TopKSelection(k).block_bias_split(x, W, b, torch.empty(70 * width), width)
+    ref = (x @ W.T + b).topk(k, dim=-1)
+    assert torch.equal(counts, torch.full((70,), k))
+    assert torch.equal(idx.view(70, k).sort(1).values, ref.indices.sort(1).values)
+    torch.testing.assert_close(vals.view(70, k).sort(1).values, ref.values.sort(1).values)
+
+
+def test_decode_rows_is_the_embedding_bag_plus_bias(threads):
+    gen = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([0, 3, 3, 7, 8])  # a row with no entries
+    index = torch.randint(0, 20, (8,), generator=gen)
+    values, W, bias = torch.randn(8, generator=gen), torch.randn(20, 6, generator=gen), torch.randn(6, generator=gen)
+    ref = torch.nn.functional.embedding_bag(index, W, offsets, mode="sum", per_sample_weights=values,
+                                            include_last_offset=True)
+    out = torch.full((4, 6), float("nan"))
+    torch.testing.assert_close(kernels.decode_rows(offsets, index, values, W, bias, out), ref + bias)
+    torch.testing.assert_close(kernels.decode_rows(offsets, index, values, W, None, out), ref)
+    with pytest.raises(ValueError, match="out be contiguous"):
+        kernels.decode_rows(offsets, index, values, W, bias, torch.empty(4, 5))

@@ -52,3 +52,22 @@ def test_close_and_garbage_collection_stop_an_endless_source():
     del it
     gc.collect()
     assert _wait_until_gone()
+
+
+def test_prefetch_reads_at_most_depth_ahead():
+    made = []
+
+    def source():
+        for i in range(10):
+            made.append(i)
+            yield i
+
+    it = prefetch(source(), depth=1)
+    time.sleep(0.3)
+    assert made == [0]  # one read ahead, no more
+    assert next(it) == 0
+    time.sleep(0.3)
+    assert made == [0, 1]
+    assert list(it) == list(range(1, 10))
+    with pytest.raises(ValueError, match="depth"):
+        prefetch([], depth=0)

@@ -10,7 +10,6 @@ from monosemantic.train import CoderSpec, TrainConfig, Trainer
 from monosemantic.train.loop import squared_error
 from monosemantic.train.sparse_adam import SparseAdamStep
 from monosemantic.train.toy_run import HOOKPOINT, toy_batches
-from monosemantic.utils import prefetch
 
 TOY = ToyConfig(d=16, n_features=32, mean_active=2, seed=1)
 
@@ -83,22 +82,14 @@ def test_squared_error_matches_mse_loss_and_its_gradient():
         torch.testing.assert_close(a, b)
 
 
-def test_prefetch_reads_at_most_depth_ahead():
-    made = []
+def test_workspace_reuses_and_grows_its_buffers():
+    from monosemantic.coders.sparse import Workspace
 
-    def source():
-        for i in range(10):
-            made.append(i)
-            yield i
-
-    it = prefetch(source(), depth=1)
-    import time
-
-    time.sleep(0.3)
-    assert made == [0]  # one read ahead, no more
-    assert next(it) == 0
-    time.sleep(0.3)
-    assert made == [0, 1]
-    assert list(it) == list(range(1, 10))
-    with pytest.raises(ValueError, match="depth"):
-        prefetch([], depth=0)
+    ws, like = Workspace(), torch.zeros(1)
+    a = ws.get("x", (4, 3), like)
+    b = ws.get("x", (2, 5), like)
+    assert a.data_ptr() == b.data_ptr() and b.shape == (2, 5)  # reused
+    c = ws.get("x", (5, 5), like)
+    assert c.shape == (5, 5) and ws.buffers["x"].numel() == 25  # grown
+    assert ws.get("y", (3,), like).data_ptr() != c.data_ptr()
+    assert ws.get("x", (2,), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64

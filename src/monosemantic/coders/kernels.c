@@ -71,6 +71,8 @@ typedef struct {
     int64_t n, ld, k;
     float *vals;
     int64_t *idx;
+    int64_t offset;  /* continuing: the block's first column in the whole row */
+    int cont;        /* continue the heaps in vals / idx (a later block of the same rows) */
 } topk_args;
 
 static inline void sift_down(float *hv, int64_t *hi, int64_t k, int64_t i) {
@@ -172,6 +174,26 @@ static void topk_row_scan(const float *restrict x, const float *restrict b, int6
     for (; j < n; j++) {
         float v = x[j] + b[j];
         if (v > thr) { hv[0] = v; hi[0] = j; sift_down(hv, hi, k, 0); thr = hv[0]; }
+    }
+}
+
+/* a later block of a row whose k-heap (hv, hi) holds the earlier blocks' k largest: offer it the
+ * block's entries that beat its smallest, skipping any 16 none of which does (block column j is
+ * column offset + j of the row) */
+static void topk_row_continue(const float *restrict x, const float *restrict b, int64_t n, int64_t k,
+                              float *hv, int64_t *hi, int64_t offset) {
+    float thr = hv[0];
+    int64_t j = 0;
+    for (; j + GROUP <= n; j += GROUP) {
+        if (!group_beats(x + j, b + j, thr)) continue;
+        for (int t = 0; t < GROUP; t++) {
+            float v = x[j + t] + b[j + t];
+            if (v > thr) { hv[0] = v; hi[0] = offset + j + t; sift_down(hv, hi, k, 0); thr = hv[0]; }
+        }
+    }
+    for (; j < n; j++) {
+        float v = x[j] + b[j];
+        if (v > thr) { hv[0] = v; hi[0] = offset + j; sift_down(hv, hi, k, 0); thr = hv[0]; }
     }
 }
 
@@ -280,8 +302,14 @@ static void topk_rows(void *p, int64_t r0, int64_t r1) {
         const float *x = a->pre + r * a->ld;
         float *hv = a->vals + r * k;
         int64_t *hi = a->idx + r * k;
+        if (a->cont) {
+            topk_row_continue(x, a->bias, n, k, hv, hi, a->offset);
+            continue;
+        }
         if (!gmax || !topk_row_groups(x, a->bias, n, k, hv, hi, gmax))
             topk_row_scan(x, a->bias, n, k, hv, hi);
+        if (a->offset)
+            for (int64_t j = 0; j < k; j++) hi[j] += a->offset;
     }
     free(gmax);
 }
@@ -289,10 +317,13 @@ static void topk_rows(void *p, int64_t r0, int64_t r1) {
 /* vals, idx [rows, k] = the k largest entries of each row of pre [rows, n] (row stride ld) plus
  * bias [n], in no particular order. NaN is not selected while k other values exist, but a row
  * holding NaN may lose others of its 16-value group from the selection: such a row's indices are
- * valid and distinct, its selection unspecified (training refuses non-finite inputs first). */
+ * valid and distinct, its selection unspecified (training refuses non-finite inputs first).
+ * Indices are column + offset. With cont, vals and idx hold each row's k-heap from an earlier
+ * call on other columns of the same rows (the row split into blocks), and the k largest of
+ * both are kept: the heaps are left in heap order by every call. */
 void topk_bias(const float *pre, int64_t rows, int64_t n, int64_t ld, const float *bias, int64_t k,
-               float *vals, int64_t *idx, int threads) {
-    topk_args a = {pre, bias, n, ld, k, vals, idx};
+               float *vals, int64_t *idx, int64_t offset, int cont, int threads) {
+    topk_args a = {pre, bias, n, ld, k, vals, idx, offset, cont};
     parallel_for(topk_rows, &a, rows, threads, NULL);
 }
 
@@ -395,6 +426,38 @@ int t_matmul(const int64_t *offsets, const int64_t *index, const float *values, 
     parallel_for(tmm_features, &a, F, s.threads, s.cuts);
     feature_sort_free(&s);
     return 0;
+}
+
+/* ---- decode: out[b] = bias + sum over row b's entries of value * W[feature] ------------------ */
+
+typedef struct {
+    const int64_t *offsets, *index;
+    const float *values, *W, *bias;
+    int64_t D;
+    float *out;
+} dec_args;
+
+static void decode_range(void *p, int64_t b0, int64_t b1) {
+    const dec_args *a = (const dec_args *)p;
+    const int64_t D = a->D;
+    for (int64_t b = b0; b < b1; b++) {
+        float *restrict o = a->out + b * D;
+        if (a->bias) memcpy(o, a->bias, D * sizeof(float));
+        else memset(o, 0, D * sizeof(float));
+        for (int64_t e = a->offsets[b]; e < a->offsets[b + 1]; e++) {
+            const float v = a->values[e];
+            const float *restrict w = a->W + a->index[e] * D;
+            for (int64_t d = 0; d < D; d++) o[d] += v * w[d];
+        }
+    }
+}
+
+/* out [B, D] = bias [D] (or 0 when NULL) + the CSR matrix [B, F] @ W [F, D], row by row (an
+ * embedding-bag with per-entry weights that writes into a given buffer) */
+void decode_rows(const int64_t *offsets, const int64_t *index, const float *values, int64_t B,
+                 const float *W, const float *bias, int64_t D, float *out, int threads) {
+    dec_args a = {offsets, index, values, W, bias, D, out};
+    parallel_for(decode_range, &a, B, threads, NULL);
 }
 
 /* ---- sampled dots: <R[row], W[feature]> at each entry of a CSR matrix ---------------------- */

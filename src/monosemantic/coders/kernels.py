@@ -142,11 +142,14 @@ def _load():
             log.warning("could not build the sparse path's C kernels (%s): using PyTorch ops only", e)
             return None
         lib.topk_bias.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _f32,
-                                  ctypes.c_int64, _f32, _i64, ctypes.c_int]
+                                  ctypes.c_int64, _f32, _i64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         lib.topk_bias.restype = None
         lib.t_matmul.argtypes = [_i64, _i64, _f32, ctypes.c_int64, ctypes.c_int64, _f32,
                                  ctypes.c_int64, ctypes.c_int64, _f32, _f32, _f32, ctypes.c_int]
         lib.t_matmul.restype = ctypes.c_int
+        lib.decode_rows.argtypes = [_i64, _i64, _f32, ctypes.c_int64, _f32, _f32, ctypes.c_int64,
+                                    _f32, ctypes.c_int]
+        lib.decode_rows.restype = None
         lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64,
                                     ctypes.c_int64, _f32, _f32, ctypes.c_int]
         lib.sampled_dot.restype = None
@@ -186,22 +189,34 @@ def _check_csr(offsets: Tensor, index: Tensor, n_rows: int, n_features: int) -> 
         raise IndexError(f"CSR feature index out of range for {n_features} features")
 
 
-def topk_bias(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def topk_bias(pre: Tensor, bias: Tensor, k: int, into: tuple[Tensor, Tensor] | None = None,
+              offset: int = 0) -> tuple[Tensor, Tensor]:
     """(values [rows, k], indices [rows, k] int64): the k largest entries of each row of
-    pre [rows, n] + bias [n], unsorted. pre's rows must be contiguous (any row stride). A row
-    holding NaN gets valid, distinct indices but an unspecified selection (torch.topk ranks NaN
-    first)."""
+    pre [rows, n] + bias [n], unsorted, indices counted from `offset`. pre's rows must be
+    contiguous (any row stride). A row holding NaN gets valid, distinct indices but an
+    unspecified selection (torch.topk ranks NaN first).
+
+    `into`: the (values, indices) an earlier call returned for other columns of the same rows (a
+    row split into blocks: call with each block and its column offset in turn); updated in place
+    to the k largest of everything seen, and returned. The first call needs n >= k."""
     rows, n = pre.shape
-    if not 0 <= k <= n or tuple(bias.shape) != (n,):
+    cont = into is not None
+    if not 0 <= k <= (n if not cont else k) or tuple(bias.shape) != (n,) or (not cont and n < k):
         raise ValueError(f"topk_bias: k = {k} of {n} columns, bias {tuple(bias.shape)}")
     if pre.stride(1) != 1:
         pre = pre.contiguous()
     bias = bias.detach().contiguous()
-    vals = pre.new_empty(rows, k)
-    idx = torch.empty(rows, k, dtype=torch.int64)
-    if rows and k:
+    if cont:
+        vals, idx = into
+        if vals.shape != (rows, k) or idx.shape != (rows, k) or not (vals.is_contiguous() and idx.is_contiguous()) \
+                or vals.dtype != torch.float32 or idx.dtype != torch.int64:
+            raise ValueError(f"topk_bias: into must be contiguous float32 / int64 [{rows}, {k}]")
+    else:
+        vals = pre.new_empty(rows, k)
+        idx = torch.empty(rows, k, dtype=torch.int64)
+    if rows and k and (n or not cont):
         _load().topk_bias(_ptr(pre, _f32), rows, n, pre.stride(0), _ptr(bias, _f32), k,
-                          _ptr(vals, _f32), _ptr(idx, _i64), _threads())
+                          _ptr(vals, _f32), _ptr(idx, _i64), offset, int(cont), _threads())
     return vals, idx
 
 
@@ -227,6 +242,26 @@ def t_matmul(offsets: Tensor, index: Tensor, values: Tensor, n_features: int, R:
                         None if dots is None else _ptr(dots, _f32), _threads()) != 0:
         raise MemoryError("t_matmul: out of memory for the feature-sorted entries")
     return out, dots
+
+
+def decode_rows(offsets: Tensor, index: Tensor, values: Tensor, W: Tensor, bias: Tensor | None,
+                out: Tensor) -> Tensor:
+    """out [B, D] = bias + S @ W for the CSR matrix S [B, F] (offsets, index, values) and W [F, D],
+    written into `out` (contiguous float32) and returned."""
+    offsets, index, values = offsets.contiguous(), index.contiguous(), values.detach().contiguous()
+    W = W.detach().contiguous()
+    B, (F_, D) = offsets.numel() - 1, W.shape
+    _check_csr(offsets, index, B, F_)
+    if values.numel() != index.numel() or out.shape != (B, D) or not out.is_contiguous() \
+            or (bias is not None and bias.shape != (D,)) or not usable_for(values, W, out):
+        raise ValueError(f"decode_rows: values must match index, out be contiguous [{B}, {D}] and "
+                         f"bias [{D}], all float32 on the CPU")
+    if bias is not None:
+        bias = bias.detach().contiguous()
+    if B:
+        _load().decode_rows(_ptr(offsets, _i64), _ptr(index, _i64), _ptr(values, _f32), B, _ptr(W, _f32),
+                            None if bias is None else _ptr(bias, _f32), D, _ptr(out, _f32), _threads())
+    return out
 
 
 def sampled_dot(offsets: Tensor, index: Tensor, R: Tensor, W: Tensor) -> Tensor:

@@ -37,8 +37,38 @@ from torch import Tensor
 from . import kernels
 
 CHUNK_ROWS = 512
-"""Rows per encoder block: a [512, F] float32 block is 18 MB at F = 9216, so it is still cached
-when the selection reads it."""
+"""Rows per encoder block (512: GEMMs of 256 rows ran about 10% slower in the step)."""
+
+FEATURE_BLOCK = 4608
+"""Features per encoder GEMM on the fused TopK path (F split evenly into blocks of at most this
+many). MKL packs the whole right-hand matrix into a buffer of its own on every call and keeps it:
+28 MB for W_enc [9216, 576], 14 MB for half of it. Each row's k-heap is carried from block to block
+(`kernels.topk_bias(..., into=)`), and the [512, block] output is 9.4 MB instead of 19. In the
+[O1.3] benchmark's worker (2 runs each): train RSS 1.64x the floor at 68% of the sparse ceiling
+with 4,608, 1.75x at 67% with the whole 9,216, 1.59x at 61% with 2,304 (four blocks: the later
+blocks' heap work)."""
+
+
+class Workspace:
+    """Buffers a training loop reuses from step to step, so that no step allocates its large
+    temporaries afresh (no fresh pages to fault in, and nothing for the allocator to keep once
+    freed: glibc's heap otherwise holds on to the freed blocks of earlier steps).
+
+    `get(name, shape, like)` returns a tensor of that shape over the buffer `name`, grown (never
+    shrunk) when needed; its contents are whatever the last user left. A buffer must not be read
+    after the step that wrote it."""
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = like.new_empty(n)
+        return buf[:n].view(shape)
 
 
 class ActiveSet(NamedTuple):
@@ -108,6 +138,21 @@ class TopKSelection(Selection):
         """block(pre + bias), through the compiled kernel (`kernels.topk_bias`): no pass to add
         the bias, no copy of the rows."""
         return self._part(*kernels.topk_bias(pre, bias, self.k))
+
+    def block_bias_split(self, x: Tensor, W: Tensor, bias: Tensor, buffer: Tensor, width: int):
+        """block(x @ W.T + bias) for rows x [r, D], computed `width` features at a time into
+        `buffer` (>= r * width floats), each block offered in turn to the rows' k-heaps (the
+        compiled kernel adds the bias; a later block only passes the entries that beat a row's
+        k-th largest so far)."""
+        r, n = x.shape[0], W.shape[0]
+        if width >= n or width < self.k:
+            return self.block_bias(torch.mm(x, W.T, out=buffer[:r * n].view(r, n)), bias)
+        found = None
+        for j in range(0, n, width):
+            w = min(width, n - j)
+            pre = torch.mm(x, W[j:j + w].T, out=buffer[:r * w].view(r, w))
+            found = kernels.topk_bias(pre, bias[j:j + w], self.k, into=found, offset=j)
+        return self._part(*found)
 
     def _part(self, vals: Tensor, idx: Tensor):
         counts = torch.full((vals.shape[0],), self.k, dtype=torch.int64, device=vals.device)
@@ -218,16 +263,21 @@ class _Encode(torch.autograd.Function):
         xin = x if centre is None or fold else x - centre
         if fold:
             b_enc = torch.addmv(b_enc, W_enc, centre, alpha=-1)
-        # one [chunk, F] block reused for every chunk (no fresh pages per chunk); selections copy
-        # what they keep out of it
-        block = xin.new_empty(min(chunk, xin.shape[0]), W_enc.shape[0])
-        # TopK with the compiled kernels: the GEMM without the bias, which the selection adds
+        # TopK with the compiled kernels: the GEMM without the bias, which the selection adds, in
+        # blocks of features (see FEATURE_BLOCK)
         fused = isinstance(select, TopKSelection) and kernels.usable_for(xin, W_enc, b_enc)
+        n_features, rows = W_enc.shape[0], min(chunk, xin.shape[0])
+        width = -(-n_features // -(-n_features // FEATURE_BLOCK)) if fused else n_features
+        # one block reused for every chunk (no fresh pages per chunk); selections copy what they
+        # keep out of it
+        space = getattr(sink, "workspace", None)
+        block = xin.new_empty(rows * width) if space is None else space.get("encoder block", (rows * width,), xin)
         while True:
-            parts = [select.block_bias(torch.mm(xin[i:i + chunk], W_enc.T, out=blk), b_enc) if fused
-                     else select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T, out=blk))
+            parts = [select.block_bias_split(xin[i:i + chunk], W_enc, b_enc, block, width) if fused
+                     else select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T,
+                                                   out=block[:r * width].view(r, width)))
                      for i in range(0, xin.shape[0], chunk)
-                     for blk in [block[:min(chunk, xin.shape[0] - i)]]]
+                     for r in [min(chunk, xin.shape[0] - i)]]
             if not parts:  # an empty batch
                 result = (x.new_zeros(0, dtype=torch.int64),) * 2 + (x.new_zeros(0),)
                 break
@@ -273,6 +323,10 @@ class _Decode(torch.autograd.Function):
                 bias: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(values, index, offsets, W_dec)
         ctx.sink = sink
+        space = getattr(sink, "workspace", None)
+        if space is not None and kernels.usable_for(values, W_dec):  # training: into the workspace
+            out = space.get("decoded", (offsets.numel() - 1, W_dec.shape[1]), values)
+            return kernels.decode_rows(offsets, index, values, W_dec, bias, out)
         out = F_.embedding_bag(index, W_dec, offsets, mode="sum", per_sample_weights=values,
                                include_last_offset=True)
         return out if bias is None else out.add_(bias)  # in place: no second [B, D]

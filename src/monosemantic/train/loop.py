@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder
+from ..coders.sparse import Workspace
 from ..coders.init import initialize
 from ..utils import atomic_write_json, prefetch, read_json, release_free_memory
 from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
@@ -68,6 +69,8 @@ class _State:
     coder: SparseCoder
     opt: torch.optim.Adam
     dead: DeadTracker
+    workspace: Workspace = field(default_factory=Workspace)
+    """The step's large temporaries, reused from step to step (coders/sparse.Workspace)."""
     scale_in: float = 1.0
     scale_out: float = 1.0
     median_norm: float = 0.0
@@ -261,7 +264,7 @@ class Trainer:
         if keep is not None:  # drop_outliers, and some were found
             x = x[keep]
             y = x if same else y[keep]
-        x_in = x * st.scale_in
+        x_in = torch.mul(x, st.scale_in, out=st.workspace.get("input", tuple(x.shape), x))
         # an SAE's input and target are one tensor: scale it once (one [B, D] copy, not two)
         y = x_in if same and st.scale_out == st.scale_in else y * st.scale_out
         x = x_in
@@ -274,7 +277,7 @@ class Trainer:
         use_auxk = dead is not None and bool(dead.any())
         # W_enc's and W_dec's Adam steps straight from the sparse factors, no [F, D] gradients
         # (train/sparse_adam.py); inside the backward unless AuxK adds its rows' gradients
-        sink = (SparseAdamStep(st.opt, coder, st.constrained, exclusive=not use_auxk)
+        sink = (SparseAdamStep(st.opt, coder, st.constrained, exclusive=not use_auxk, workspace=st.workspace)
                 if sparse_path and c.sparse_adam and SparseAdamStep.usable(st.opt, coder, st.res.grad_clip,
                                                          self.parallel.mode == "data") else None)
         coder.weight_sink = sink
@@ -285,7 +288,9 @@ class Trainer:
             else:
                 out = coder(x, target=None if c.kind == "sae" else y)
                 pred, pre_acts, loss, sparse = out.out, out.pre_acts, out.aux_loss, None
-            recon = squared_error(pred, y) / max(1, y.shape[0])  # no [B, D] error made or kept
+            # no [B, D] error made or kept; on the sparse path the gradient overwrites pred (only
+            # the loss reads it: the decoder's backward does not)
+            recon = squared_error(pred, y, overwrite=sparse_path) / max(1, y.shape[0])
             loss = recon + loss
             if sparse is None and c.coef > 0 and coder.cfg.resolved_penalty != "none":
                 penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
@@ -437,8 +442,9 @@ class _SquaredError(torch.autograd.Function):
     error first. The backward makes the one [B, D] it must, the gradient."""
 
     @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor) -> Tensor:
+    def forward(ctx, pred: Tensor, target: Tensor, overwrite: bool) -> Tensor:
         ctx.save_for_backward(pred, target)
+        ctx.overwrite = overwrite
         total = pred.new_zeros((), dtype=torch.float64)
         for i in range(0, pred.shape[0], 256):
             total += (pred[i:i + 256] - target[i:i + 256]).square_().sum()
@@ -447,13 +453,15 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         pred, target = ctx.saved_tensors
-        d = torch.sub(pred, target).mul_(2 * grad)
-        return d, (-d if ctx.needs_input_grad[1] else None)
+        d = torch.sub(pred, target, out=pred if ctx.overwrite else None).mul_(2 * grad)
+        return d, (-d if ctx.needs_input_grad[1] else None), None
 
 
-def squared_error(pred: Tensor, target: Tensor) -> Tensor:
-    """sum((pred - target)^2) over every element, differentiable in both; no [B, D] temporary."""
-    return _SquaredError.apply(pred, target)
+def squared_error(pred: Tensor, target: Tensor, overwrite: bool = False) -> Tensor:
+    """sum((pred - target)^2) over every element, differentiable in both; no [B, D] temporary.
+    `overwrite`: the backward writes pred's gradient over pred itself (no [B, D] allocated), for a
+    pred that no other backward reads."""
+    return _SquaredError.apply(pred, target, overwrite)
 
 
 def _summary(metrics: dict[str, dict[str, float]]) -> dict[str, str]:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..coders import kernels
+from ..coders.sparse import Workspace
 
 WEIGHTS = ("W_enc", "W_dec")
 
@@ -35,10 +36,14 @@ class SparseAdamStep:
     """One training step's Adam update of a coder's W_enc and W_dec from the sparse factors.
 
     `exclusive`: no gradient but the sparse path's reaches them this step, so each is updated as
-    soon as its factors arrive. `constrained`: W_dec's rows are kept at unit norm."""
+    soon as its factors arrive. `constrained`: W_dec's rows are kept at unit norm. `workspace`:
+    the training state's buffers, which the sparse path then writes its temporaries into."""
 
-    def __init__(self, opt: torch.optim.Adam, coder, constrained: bool, exclusive: bool):
+    def __init__(self, opt: torch.optim.Adam, coder, constrained: bool, exclusive: bool,
+                 workspace: Workspace | None = None):
         self.opt, self.coder = opt, coder
+        self.workspace = workspace
+        """Where the sparse path puts its step's large temporaries (coders/sparse.Workspace)."""
         self.constrained, self.exclusive = constrained, exclusive
         self.params = {name: getattr(coder, name) for name in WEIGHTS}
         self.terms: dict[str, list] = {name: [] for name in WEIGHTS}
