@@ -43,6 +43,10 @@ def args() -> dict:
     return a
 
 
+READ_ROWS = 256
+"""Rows read between two releases of the mapped pages (Batches.read)."""
+
+
 class Batches:
     """Endless float32 batches [B, D] of one hookpoint of a monosemantic activation cache."""
 
@@ -50,7 +54,7 @@ class Batches:
         folder = Path(cache)
         manifest = json.loads((folder / "manifest.json").read_text())
         stem = hookpoint.replace(":", "@")  # monosemantic.data.cache._safe
-        self.maps, self.arrays, counts = [], [], []
+        self.maps, self.arrays, self.headers, counts = [], [], [], []
         for s in manifest["shards"]:
             path = folder / f"shard-{s['index']:05d}.{stem}.npy"
             with open(path, "rb") as f:
@@ -62,25 +66,34 @@ class Batches:
                 header = f.tell()
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self.maps.append(mm)
+            self.headers.append(header)
             self.arrays.append(np.frombuffer(mm, dtype=dtype, offset=header).reshape(shape))
             counts.append(shape[0])
         self.width = self.arrays[0].shape[1]
+        self.row_bytes = self.width * self.arrays[0].dtype.itemsize
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n, self.batch_size, self.seed = int(self.offsets[-1]), batch_size, seed
         self.per_epoch = self.n // batch_size
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Rows (sorted global indices) as a new float32 array; the pages read are then dropped
-        from this process (MADV_DONTNEED), so the cache never counts in its peak RSS."""
+        """Rows (sorted global indices) as a new float32 array; the pages read are dropped from
+        this process (MADV_DONTNEED) every READ_ROWS rows, so the cache never counts in its peak
+        RSS (a batch's rows touch about 32 MB of mapped pages: dropped only at the end, they
+        counted in the peak of any implementation that reads its next batch during a step)."""
         out = np.empty((len(rows), self.width), dtype=np.float32)
         # rows are sorted, so each shard's rows are one slice of out: np.take writes them there
         # straight from the memory map, with no gathered temporary (as monosemantic's cache does)
         cuts = np.searchsorted(rows, self.offsets)
+        page = mmap.PAGESIZE
         for s in range(len(self.arrays)):
-            a, b = int(cuts[s]), int(cuts[s + 1])
-            if a < b:
-                np.take(self.arrays[s], rows[a:b] - self.offsets[s], axis=0, out=out[a:b])
-                self.maps[s].madvise(mmap.MADV_DONTNEED)
+            arr, mm, base = self.arrays[s], self.maps[s], self.headers[s]
+            for a in range(int(cuts[s]), int(cuts[s + 1]), READ_ROWS):
+                b = min(a + READ_ROWS, int(cuts[s + 1]))
+                local = rows[a:b] - self.offsets[s]
+                np.take(arr, local, axis=0, out=out[a:b])
+                start = (base + int(local[0]) * self.row_bytes) // page * page
+                end = base + (int(local[-1]) + 1) * self.row_bytes
+                mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), end) - start)
         return out
 
     def __iter__(self) -> Iterator["torch.Tensor"]:

@@ -271,15 +271,23 @@ def test_topk_bias_over_feature_blocks_selects_the_whole_rows_top_k(threads, n, 
     torch.testing.assert_close(vals.view(70, k).sort(1).values, ref.values.sort(1).values)
 
 
-def test_decode_rows_is_the_embedding_bag_plus_bias(threads):
-    gen = torch.Generator().manual_seed(3)
-    offsets = torch.tensor([0, 3, 3, 7, 8])  # a row with no entries
-    index = torch.randint(0, 20, (8,), generator=gen)
-    values, W, bias = torch.randn(8, generator=gen), torch.randn(20, 6, generator=gen), torch.randn(6, generator=gen)
-    ref = torch.nn.functional.embedding_bag(index, W, offsets, mode="sum", per_sample_weights=values,
-                                            include_last_offset=True)
-    out = torch.full((4, 6), float("nan"))
-    torch.testing.assert_close(kernels.decode_rows(offsets, index, values, W, bias, out), ref + bias)
-    torch.testing.assert_close(kernels.decode_rows(offsets, index, values, W, None, out), ref)
-    with pytest.raises(ValueError, match="out be contiguous"):
-        kernels.decode_rows(offsets, index, values, W, bias, torch.empty(4, 5))
+def test_batch_stats_and_squared_error_match_torch(threads):
+    gen = torch.Generator().manual_seed(5)
+    big = torch.randn(300, 41, generator=gen) * 3 + 1
+    x = big[:, :40]  # rows contiguous, row stride 41
+    st = kernels.batch_stats(x)
+    assert st.finite
+    torch.testing.assert_close(st.row_sq, x.pow(2).sum(1))
+    torch.testing.assert_close(st.col_sum, x.double().sum(0))
+    assert st.total_sq == pytest.approx(float(x.double().pow(2).sum()), rel=1e-6)
+    assert st.variance(300, 2.0) == pytest.approx(4 * float((x.double() - x.double().mean(0)).pow(2).sum()), rel=1e-5)
+    bad = x.clone()
+    bad[7, 3] = float("nan")
+    assert not kernels.batch_stats(bad, rows=False).finite
+    pred = torch.randn(300, 40, generator=gen)
+    assert kernels.squared_error(pred, x, 0.5) == pytest.approx(float((pred - 0.5 * x).double().pow(2).sum()), rel=1e-6)
+    ref = 3.0 * (pred - 0.5 * x)
+    assert kernels.squared_error_grad_(pred, x, 0.5, 3.0) is pred
+    torch.testing.assert_close(pred, ref)
+    with pytest.raises(ValueError, match="one \\[B, D\\] shape"):
+        kernels.squared_error(pred[:, :39], x)

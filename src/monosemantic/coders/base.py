@@ -175,25 +175,29 @@ class SparseCoder(nn.Module):
     def has_sparse_path(self) -> bool:
         return self.selection() is not None
 
-    def encode_sparse(self, x: Tensor) -> ActiveSet:
-        """x [B, D_in] -> the active features as CSR, computing only the selected pre-activations'
-        gradients. Same activations as `encode` (up to float rounding)."""
+    def encode_sparse(self, x: Tensor, scale: float = 1.0) -> ActiveSet:
+        """x [B, D_in] -> the active features of scale * x as CSR, computing only the selected
+        pre-activations' gradients. Same activations as `encode(scale * x)` (up to float rounding);
+        in training (a weight sink) the scale rides on the encoder GEMM, with no scaled copy of x."""
         select = self.selection()
         if select is None:
             raise ValueError(f"{type(self).__name__} in {'training' if self.training else 'eval'} "
                              "mode has no sparse path; use forward()")
         centre = self.b_dec if self.cfg.kind == "sae" else None
-        active = sparse_encode(x, self.W_enc, self.b_enc, select, centre, sink=self.weight_sink)
+        active = sparse_encode(x, self.W_enc, self.b_enc, select, centre, sink=self.weight_sink, scale=scale)
         self._after_sparse_encode(active)
         return active
 
     def _after_sparse_encode(self, active: ActiveSet) -> None:
         """Hook for state updated from the selection (BatchTopK's threshold)."""
 
-    def forward_sparse(self, x: Tensor) -> SparseForwardOutput:
-        """x [B, D_in] -> SparseForwardOutput: forward() through the sparse path; the top-k family
-        has no sparsity or aux loss, so only the output and the active set are returned."""
-        active = self.encode_sparse(x)
+    def forward_sparse(self, x: Tensor, scale: float = 1.0) -> SparseForwardOutput:
+        """x [B, D_in] -> SparseForwardOutput: forward(scale * x) through the sparse path; the
+        top-k family has no sparsity or aux loss, so only the output and the active set are
+        returned."""
+        if scale != 1.0 and (self.weight_sink is None or self.W_skip is not None):
+            x, scale = x * scale, 1.0  # the scale rides on the encoder GEMM only in training
+        active = self.encode_sparse(x, scale)
         out = sparse_decode(active, self.W_dec, sink=self.weight_sink, bias=self.b_dec)
         skip = self.skip(x)
         return SparseForwardOutput(out if skip is None else out + skip, active)

@@ -71,13 +71,14 @@ def _centre(x: Tensor, bias: str) -> Tensor:
     return torch.zeros_like(x[0])
 
 
-def _unit_rows(w: Tensor) -> Tensor:
-    return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+def _unit_rows(w: Tensor, inplace: bool = False) -> Tensor:
+    norm = w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return w.div_(norm) if inplace else w / norm
 
 
 def _kaiming(f: int, d: int, gen: torch.Generator) -> Tensor:
     bound = 1.0 / math.sqrt(d)  # nn.Linear's default: kaiming_uniform_(a=sqrt(5))
-    return (torch.rand(f, d, generator=gen) * 2 - 1) * bound
+    return torch.rand(f, d, generator=gen).mul_(2).sub_(1).mul_(bound)  # in place: no [F, D] temporaries
 
 
 CALIBRATION_ROWS = 1024
@@ -175,10 +176,10 @@ def initialize(coder: SparseCoder, sample: Tensor, target: Tensor | None = None,
     else:
         w_enc = _kaiming(f, cfg.d_in, gen)
         tied = method == "transpose" and cfg.kind == "sae"
-        w_dec = _unit_rows(w_enc if tied else torch.randn(f, cfg.d_output, generator=gen))
+        w_dec = _unit_rows(w_enc) if tied else _unit_rows(torch.randn(f, cfg.d_output, generator=gen), inplace=True)
 
     if not calibrate:
-        w_enc = _unit_rows(w_enc) * encoder_norm
+        w_enc = _unit_rows(w_enc).mul_(encoder_norm)
     kw = {"device": coder.device, "dtype": coder.dtype}
     w_enc, w_dec = w_enc.to(**kw), w_dec.to(**kw)
     b_enc = torch.zeros(f, **kw) if cfg.kind == "sae" else -(w_enc @ centre_in.to(**kw))

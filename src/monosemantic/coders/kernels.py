@@ -36,6 +36,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -150,6 +151,13 @@ def _load():
         lib.decode_rows.argtypes = [_i64, _i64, _f32, ctypes.c_int64, _f32, _f32, ctypes.c_int64,
                                     _f32, ctypes.c_int]
         lib.decode_rows.restype = None
+        _f64 = ctypes.POINTER(ctypes.c_double)
+        lib.batch_stats.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _f32, _f64,
+                                    _f64, ctypes.c_int]
+        lib.batch_stats.restype = ctypes.c_int
+        lib.squared_error.argtypes = [_f32, _f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        lib.squared_error.restype = ctypes.c_double
         lib.sampled_dot.argtypes = [_i64, _i64, ctypes.c_int64, _f32, ctypes.c_int64,
                                     ctypes.c_int64, _f32, _f32, ctypes.c_int]
         lib.sampled_dot.restype = None
@@ -262,6 +270,62 @@ def decode_rows(offsets: Tensor, index: Tensor, values: Tensor, W: Tensor, bias:
         _load().decode_rows(_ptr(offsets, _i64), _ptr(index, _i64), _ptr(values, _f32), B, _ptr(W, _f32),
                             None if bias is None else _ptr(bias, _f32), D, _ptr(out, _f32), _threads())
     return out
+
+
+class BatchStats(NamedTuple):
+    finite: bool
+    row_sq: Tensor | None
+    """[B] each row's sum of squares (float32), when asked for"""
+    col_sum: Tensor
+    """[D] float64 column sums"""
+    total_sq: float
+    """the sum of all squares (float64)"""
+
+    def variance(self, n_rows: int, scale: float = 1.0) -> float:
+        """sum over rows of ||scale * (x - mean)||^2, from the sums."""
+        mean_sq = float(self.col_sum.square().sum()) / max(1, n_rows)
+        return max(0.0, self.total_sq - mean_sq) * scale * scale
+
+
+def batch_stats(x: Tensor, rows: bool = True) -> BatchStats:
+    """One pass over x [B, D] (rows contiguous): whether it is finite, each row's sum of squares
+    (`rows`), the column sums and the total sum of squares (in float64)."""
+    if x.ndim != 2 or x.stride(1) != 1 or not usable_for(x):
+        raise ValueError("batch_stats: x must be float32 [B, D] with contiguous rows, on the CPU")
+    B, D = x.shape
+    row_sq = x.new_empty(B) if rows else None
+    col = torch.zeros(D, dtype=torch.float64)
+    total = ctypes.c_double(0.0)
+    bad = _load().batch_stats(_ptr(x, _f32), B, D, x.stride(0), None if row_sq is None else _ptr(row_sq, _f32),
+                              ctypes.cast(col.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+                              ctypes.byref(total), _threads())
+    if bad < 0:
+        raise MemoryError("batch_stats: out of memory")
+    return BatchStats(bad == 0, row_sq, col, total.value)
+
+
+def squared_error(pred: Tensor, target: Tensor, scale: float = 1.0) -> float:
+    """sum((pred - scale * target)^2) over [B, D], accumulated in float64 over rows, one pass."""
+    _sq_check(pred, target)
+    return _load().squared_error(_ptr(pred, _f32), _ptr(target, _f32), pred.shape[0], pred.shape[1],
+                                 target.stride(0), scale, 0.0, 0, _threads())
+
+
+def squared_error_grad_(pred: Tensor, target: Tensor, scale: float, coef: float) -> Tensor:
+    """In place, pred = coef * (pred - scale * target) (the squared error's gradient for
+    coef = 2 x the incoming one); one pass. Returns pred."""
+    _sq_check(pred, target)
+    _load().squared_error(_ptr(pred, _f32), _ptr(target, _f32), pred.shape[0], pred.shape[1],
+                          target.stride(0), scale, coef, 1, _threads())
+    torch.autograd.graph.increment_version(pred)
+    return pred
+
+
+def _sq_check(pred: Tensor, target: Tensor) -> None:
+    if pred.ndim != 2 or pred.shape != target.shape or not pred.is_contiguous() \
+            or target.stride(1) != 1 or not usable_for(pred, target):
+        raise ValueError("squared_error: pred (contiguous) and target (contiguous rows) must be "
+                         "float32 tensors of one [B, D] shape on the CPU")
 
 
 def sampled_dot(offsets: Tensor, index: Tensor, R: Tensor, W: Tensor) -> Tensor:

@@ -139,24 +139,32 @@ class TopKSelection(Selection):
         the bias, no copy of the rows."""
         return self._part(*kernels.topk_bias(pre, bias, self.k))
 
-    def block_bias_split(self, x: Tensor, W: Tensor, bias: Tensor, buffer: Tensor, width: int):
+    def block_bias_split(self, x: Tensor, W: Tensor, bias: Tensor, buffer: Tensor, width: int,
+                         alpha: float = 1.0):
         """block(x @ W.T + bias) for rows x [r, D], computed `width` features at a time into
         `buffer` (>= r * width floats), each block offered in turn to the rows' k-heaps (the
         compiled kernel adds the bias; a later block only passes the entries that beat a row's
-        k-th largest so far)."""
+        k-th largest so far). `alpha`: the GEMM computes alpha * x @ W.T."""
         r, n = x.shape[0], W.shape[0]
         if width >= n or width < self.k:
-            return self.block_bias(torch.mm(x, W.T, out=buffer[:r * n].view(r, n)), bias)
+            return self.block_bias(_mm(x, W, buffer[:r * n].view(r, n), alpha), bias)
         found = None
         for j in range(0, n, width):
             w = min(width, n - j)
-            pre = torch.mm(x, W[j:j + w].T, out=buffer[:r * w].view(r, w))
+            pre = _mm(x, W[j:j + w], buffer[:r * w].view(r, w), alpha)
             found = kernels.topk_bias(pre, bias[j:j + w], self.k, into=found, offset=j)
         return self._part(*found)
 
     def _part(self, vals: Tensor, idx: Tensor):
         counts = torch.full((vals.shape[0],), self.k, dtype=torch.int64, device=vals.device)
         return counts, idx.flatten(), vals.flatten()
+
+
+def _mm(x: Tensor, W: Tensor, out: Tensor, alpha: float) -> Tensor:
+    """out = alpha * x @ W.T (BLAS takes alpha for free; beta = 0 ignores out's contents)"""
+    if alpha == 1.0:
+        return torch.mm(x, W.T, out=out)
+    return torch.addmm(out, x, W.T, beta=0.0, alpha=alpha, out=out)
 
 
 class ThresholdSelection(Selection):
@@ -254,11 +262,14 @@ class _Encode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, centre: Tensor | None, W_enc: Tensor, b_enc: Tensor,
-                select: Selection, chunk: int, sink=None):
+                select: Selection, chunk: int, sink=None, scale: float = 1.0):
         # In training (a sink): (x - centre) @ W_enc.T + b_enc = x @ W_enc.T + (b_enc - W_enc @ centre),
         # the centre folded into the bias, so no centred [B, D] copy of x is made, nor kept for the
         # backward. Elsewhere x is centred first, as the eager forward does, so that thresholds
         # (JumpReLU, BatchTopK at inference) see the same rounding on either path.
+        # `scale` (the training's input scale) rides on the GEMM with a sink, else x is scaled first
+        if scale != 1.0 and sink is None:
+            x, scale = x * scale, 1.0
         fold = centre is not None and sink is not None
         xin = x if centre is None or fold else x - centre
         if fold:
@@ -269,12 +280,13 @@ class _Encode(torch.autograd.Function):
         n_features, rows = W_enc.shape[0], min(chunk, xin.shape[0])
         width = -(-n_features // -(-n_features // FEATURE_BLOCK)) if fused else n_features
         # one block reused for every chunk (no fresh pages per chunk); selections copy what they
-        # keep out of it
+        # keep out of it. In training, the workspace's "scratch", which the decoder's output
+        # reuses once the block is done with (both 9.4 MB in the [O1.3] configuration)
         space = getattr(sink, "workspace", None)
-        block = xin.new_empty(rows * width) if space is None else space.get("encoder block", (rows * width,), xin)
+        block = xin.new_empty(rows * width) if space is None else space.get("scratch", (rows * width,), xin)
         while True:
-            parts = [select.block_bias_split(xin[i:i + chunk], W_enc, b_enc, block, width) if fused
-                     else select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T,
+            parts = [select.block_bias_split(xin[i:i + chunk], W_enc, b_enc, block, width, scale) if fused
+                     else select.block(torch.addmm(b_enc, xin[i:i + chunk], W_enc.T, alpha=scale,
                                                    out=block[:r * width].view(r, width)))
                      for i in range(0, xin.shape[0], chunk)
                      for r in [min(chunk, xin.shape[0] - i)]]
@@ -290,7 +302,7 @@ class _Encode(torch.autograd.Function):
         values = values.clamp_min(0)
         ctx.save_for_backward(xin, W_enc, index, offsets, values, centre if fold else None)
         ctx.has_centre = centre is not None
-        ctx.sink = sink
+        ctx.sink, ctx.scale = sink, scale
         ctx.mark_non_differentiable(index, offsets)
         return values, index, offsets
 
@@ -299,20 +311,21 @@ class _Encode(torch.autograd.Function):
         xin, W_enc, index, offsets, values, centre = ctx.saved_tensors
         n_features = W_enc.shape[0]
         g = d_values * (values > 0)  # the ReLU
+        gs = g if ctx.scale == 1.0 else g * ctx.scale  # the GEMM's input was scale * xin
         need_x, need_centre, need_w, need_b = ctx.needs_input_grad[:4]
         sink = ctx.sink if need_w else None
         d_b = torch.zeros(n_features, dtype=g.dtype, device=g.device).index_add_(0, index, g)
         d_W = None
         if need_w and sink is None:  # S^T (x - centre) = S^T x - (column sums of S) (x) centre
-            d_W = _t_matmul(offsets, index, g, n_features, xin)
+            d_W = _t_matmul(offsets, index, gs, n_features, xin)
             if centre is not None:
                 d_W.addr_(d_b, centre, alpha=-1)
-        d_x = (_csr(offsets, index, g, n_features) @ W_enc) if need_x else None
+        d_x = (_csr(offsets, index, gs, n_features) @ W_enc) if need_x else None
         # sum over rows of S @ W_enc = (column sums of S) @ W_enc = d_b @ W_enc
         d_centre = -(d_b @ W_enc) if (ctx.has_centre and need_centre) else None
         if sink is not None:  # last: the sink may update W_enc in place (train/sparse_adam.py)
-            sink.take("W_enc", offsets, index, g, xin, minus=None if centre is None else (d_b, centre))
-        return d_x, d_centre, d_W, d_b if need_b else None, None, None, None
+            sink.take("W_enc", offsets, index, gs, xin, minus=None if centre is None else (d_b, centre))
+        return d_x, d_centre, d_W, d_b if need_b else None, None, None, None, None
 
 
 class _Decode(torch.autograd.Function):
@@ -324,8 +337,8 @@ class _Decode(torch.autograd.Function):
         ctx.save_for_backward(values, index, offsets, W_dec)
         ctx.sink = sink
         space = getattr(sink, "workspace", None)
-        if space is not None and kernels.usable_for(values, W_dec):  # training: into the workspace
-            out = space.get("decoded", (offsets.numel() - 1, W_dec.shape[1]), values)
+        if space is not None and kernels.usable_for(values, W_dec):  # training: into the scratch
+            out = space.get("scratch", (offsets.numel() - 1, W_dec.shape[1]), values)
             return kernels.decode_rows(offsets, index, values, W_dec, bias, out)
         out = F_.embedding_bag(index, W_dec, offsets, mode="sum", per_sample_weights=values,
                                include_last_offset=True)
@@ -356,12 +369,13 @@ class _Decode(torch.autograd.Function):
 
 
 def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selection,
-                  centre: Tensor | None = None, chunk: int = CHUNK_ROWS, sink=None) -> ActiveSet:
+                  centre: Tensor | None = None, chunk: int = CHUNK_ROWS, sink=None,
+                  scale: float = 1.0) -> ActiveSet:
     """The active set of ReLU(select((x - centre) @ W_enc.T + b_enc)), differentiable in x,
     centre, W_enc and b_enc through the selected entries. With a `sink`
     (train/sparse_adam.SparseAdamStep) W_enc gets no .grad: its gradient's factors go to
-    `sink.take("W_enc", ...)` instead."""
-    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk, sink)
+    `sink.take("W_enc", ...)` instead, and `scale` (the input is scale * x) rides on the GEMM."""
+    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk, sink, scale)
     return ActiveSet(values, index, offsets)
 
 
