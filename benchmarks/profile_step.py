@@ -71,8 +71,9 @@ def main() -> None:
     rows.sort(key=lambda r: -r["self ms per step"])
     rows = [r for r in rows if r["self ms per step"] >= 0.1]  # the rest adds up to under a few ms
     gemm_flop = 2 * args.batch_size * d * args.n_features
+    # the encoder's forward GEMM, in row chunks and feature blocks: [rows, d] @ [d, features]
     enc = [r for r in rows if r["op"] in ("aten::addmm", "aten::mm", "aten::matmul")
-           and str(args.n_features) in r["shapes"] and str(d) in r["shapes"]]
+           and f", {d}], [{d}, " in r["shapes"]]
     probe = gemm_gflops(args.batch_size, d, args.n_features)
     print(f"step {step_ms:.1f} ms ({args.batch_size / step_ms * 1e3:,.0f} tokens/s) over {args.steps} "
           f"profiled steps; GEMM probe {probe:.1f} GFLOP/s")

@@ -14,7 +14,19 @@ where those do work the math does not need:
   component along each decoder row removed; rows renormalised), one pass each instead of three
   and two.
 
-The shared library is built by `cc -O3 -march=native -shared` (with `-fopenmp` where PyTorch's
+Training's own (train/loop.py, train/sparse_adam.py):
+
+- `sparse_adam(...)`: one Adam step of W_enc or W_dec whose gradient is S^T @ R (+ dense rows,
+  - an outer product), each feature's gradient row formed in a scratch row, projected, applied
+  and renormalised in turn: no [F, D] gradient is ever stored. With `dots=True` it also returns
+  the decoder's d acts from the same pass. `sampled_dot` gives those dots alone.
+- `topk_bias(..., into=, offset=)`: a later block of columns of the same rows, merged into the
+  rows' k-heaps (the encoder GEMM in feature blocks).
+- `decode_rows(...)`: the embedding-bag decoder plus its bias into a given buffer.
+- `batch_stats(x)`: one pass for finiteness, the rows' norms and the variance's sums;
+  `squared_error` / `squared_error_grad_`: the loss and its in-place gradient, one pass each.
+
+The shared library is built by `cc -O3 -fno-math-errno -march=native -shared` (with `-fopenmp` where PyTorch's
 libgomp is loaded, so the kernels share its threads) into the cache folder
 (`$MONOSEMANTIC_CACHE/kernels/`, keyed by the source, the compiler and the CPU's flags), written
 atomically, and loaded with ctypes: no Python headers, no pickles, about a second to compile.

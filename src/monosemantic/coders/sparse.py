@@ -21,6 +21,14 @@ The gradients are those of the eager reference (`SparseCoder.forward` + autograd
 rounding; tests/unit/test_sparse.py checks loss and every gradient for each architecture that takes
 this path, with the kernels and without.
 
+In training the trainer passes a `sink` (train/sparse_adam.SparseAdamStep): W_enc's and W_dec's
+gradients then go to it as their sparse factors (it takes the Adam steps row by row, no [F, D]
+gradient stored); the encoder's centre is folded into its bias (x @ W_enc.T + b_enc - W_enc @ b_dec,
+no centred copy of x) and the input scale rides on the GEMM; the GEMM runs in feature blocks
+(FEATURE_BLOCK) with each row's top-k heap carried across them; and the encoder block and the
+decoder's output share the sink's workspace memory (`Workspace`, "scratch"), so a step allocates
+none of its large temporaries afresh.
+
 Selections (`TopKSelection`, `BatchTopKSelection`, `ThresholdSelection`) turn pre-activations into the
 active set. Shapes: B batch, D width, F features, K active per row, N active entries in the batch.
 """
