@@ -291,7 +291,8 @@ class Trainer:
         if fold:
             scale_in, target_scale = st.scale_in, st.scale_out
         else:
-            x_in = torch.mul(x, st.scale_in, out=st.workspace.get("input", tuple(x.shape), x))
+            x_in = x * st.scale_in  # not in the workspace: this path is rare (AuxK steps), and a
+            # buffer kept for it would stay through every step after
             y = x_in if same and st.scale_out == st.scale_in else y * st.scale_out
             x, scale_in, target_scale = x_in, 1.0, 1.0
         coder.weight_sink = sink
