@@ -532,9 +532,10 @@ static void sqerr_range(void *p, int64_t b0, int64_t b1) {
     if (!a->grad) a->part[range_thread(a->cuts, a->threads, b0)] = total;
 }
 
-/* sum over [B, D] of (pred - scale * target)^2, in double over rows (grad = 0); or, in place,
- * pred = coef * (pred - scale * target), the loss's gradient times coef / 2 ... with coef = 2 g
- * (grad = 1). pred is contiguous, target has row stride ldt. */
+/* grad = 0: the sum over [B, D] of (pred - scale * target)^2, each row's in float, their total in
+ * double (returned). grad = 1: in place, pred = coef * (pred - scale * target), the loss's gradient
+ * for coef = 2 x the gradient arriving at the loss (returns 0). pred is contiguous, target has row
+ * stride ldt. Rows are split evenly between threads (no empty ranges: range_thread is exact). */
 double squared_error(float *pred, const float *target, int64_t B, int64_t D, int64_t ldt, float scale,
                      float coef, int grad, int threads) {
     int64_t cuts[65];
