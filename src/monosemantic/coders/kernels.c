@@ -341,24 +341,29 @@ typedef struct {
     float *dots;           /* [N] <R[row], W[feature]> per entry, or NULL */
 } tmm_args;
 
+/* o [D] = feature f's row of S^T @ R: its entries e0 <= e < e1 of the feature-sorted order
+ * (rows, ent) summed in row order, written once (no zero fill unless it has none); with w given,
+ * also dots[ent[e]] = <R[row of e], w> for each, in the same pass over R */
+static inline void feature_row(const int64_t *rows, const int64_t *ent, int64_t e, int64_t e1,
+                               const float *values, const float *R, int64_t ldr, int64_t D,
+                               float *restrict o, const float *w, float *dots) {
+    if (e == e1) { memset(o, 0, D * sizeof(float)); return; }
+    for (int64_t first = 1; e < e1; e++, first = 0) {
+        const float *restrict r = R + rows[e] * ldr;
+        const float v = values[ent[e]];
+        if (first)
+            for (int64_t d = 0; d < D; d++) o[d] = v * r[d];
+        else
+            for (int64_t d = 0; d < D; d++) o[d] += v * r[d];
+        if (w) dots[ent[e]] = dot(r, w, D);
+    }
+}
+
 static void tmm_features(void *p, int64_t f0, int64_t f1) {
     const tmm_args *a = (const tmm_args *)p;
-    const int64_t D = a->D;
-    for (int64_t f = f0; f < f1; f++) {
-        float *restrict o = a->out + f * D;
-        const float *restrict w = a->W ? a->W + f * D : NULL;
-        int64_t e = a->start[f], e1 = a->start[f + 1];
-        if (e == e1) { memset(o, 0, D * sizeof(float)); continue; }
-        for (int64_t first = 1; e < e1; e++, first = 0) {
-            const float *restrict r = a->R + a->rows[e] * a->ldr;
-            const float v = a->values[a->ent[e]];
-            if (first)
-                for (int64_t d = 0; d < D; d++) o[d] = v * r[d];
-            else
-                for (int64_t d = 0; d < D; d++) o[d] += v * r[d];
-            if (w) a->dots[a->ent[e]] = dot(r, w, D);
-        }
-    }
+    for (int64_t f = f0; f < f1; f++)
+        feature_row(a->rows, a->ent, a->start[f], a->start[f + 1], a->values, a->R, a->ldr, a->D,
+                    a->out + f * a->D, a->W ? a->W + f * a->D : NULL, a->dots);
 }
 
 /* The entries of a CSR matrix [B, F] sorted by feature (a counting sort, rows ascending within
@@ -639,18 +644,10 @@ static void adam_features(void *p, int64_t f0, int64_t f1) {
     float *restrict g = a->scratch + t * D;
     const float b1 = a->beta1, b2 = a->beta2, c1 = a->c1, c2 = a->c2;
     for (int64_t f = f0; f < f1; f++) {
-        int64_t e = s->start[f], e1 = s->start[f + 1];
         float *restrict w = a->W + f * D;
-        if (e == e1) memset(g, 0, D * sizeof(float));
-        for (int64_t first = 1; e < e1; e++, first = 0) {
-            const float *restrict r = a->R + s->rows[e] * a->ldr;
-            const float val = a->values[s->ent[e]];
-            if (first)
-                for (int64_t d = 0; d < D; d++) g[d] = val * r[d];
-            else
-                for (int64_t d = 0; d < D; d++) g[d] += val * r[d];
-            if (a->dots) a->dots[s->ent[e]] = dot(r, w, D);  /* W's row before its step */
-        }
+        /* the gradient row, and the dots with W's row before its step */
+        feature_row(s->rows, s->ent, s->start[f], s->start[f + 1], a->values, a->R, a->ldr, D, g,
+                    a->dots ? w : NULL, a->dots);
         if (a->extra_pos && a->extra_pos[f] >= 0) {
             const float *restrict x = a->extra + a->extra_pos[f] * D;
             for (int64_t d = 0; d < D; d++) g[d] += x[d];
