@@ -7,7 +7,7 @@ import torch
 from monosemantic.coders import kernels
 from monosemantic.toy import ToyConfig, ToyData
 from monosemantic.train import CoderSpec, TrainConfig, Trainer
-from monosemantic.train.loop import squared_error
+from monosemantic.coders.sparse import squared_error
 from monosemantic.train.sparse_adam import SparseAdamStep
 from monosemantic.train.toy_run import HOOKPOINT, toy_batches
 

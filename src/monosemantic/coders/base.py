@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from monosemantic.coders import kernels
 from monosemantic.coders.config import CoderConfig
 from monosemantic.coders.sparse import (ActiveSet, Selection, TopKSelection, gather_rows, sparse_decode,
-                                        sparse_encode)
+                                        sparse_encode, squared_error)
 
 logger = logging.getLogger(__name__)
 
@@ -235,14 +235,17 @@ class SparseCoder(nn.Module):
     # ---- dead features: AuxK ----------------------------------------------------------------
 
     def auxk_loss(self, x: Tensor, target: Tensor, pre_acts: Tensor | None, dead_mask: Tensor,
-                  k_aux: int, out: Tensor | None = None) -> Tensor:
+                  k_aux: int, out: Tensor | None = None, normalize: bool = True) -> Tensor:
         """AuxK (Gao et al. 2024): the top-k_aux pre-activations among dead features (ReLU'd) must
         reconstruct the main residual (target - out), decoded without b_dec. Returns the MSE
-        divided by the residual's variance (0 when no feature is dead). The residual is detached,
-        so only dead features' pre-activations and decoder rows get gradient. `out` is the main
-        output for x; pass it to save a second forward (recomputed without grad when None).
-        `pre_acts` [B, F] are the main forward's; None computes the dead features' pre-activations
-        alone through the sparse path (cost proportional to the number of dead features)."""
+        divided by the residual's variance (0 when no feature is dead); with normalize=False the
+        MSE itself (what a trainer that weighs the term by the residual's variance wants: the
+        residual is detached, so the two differ by a constant). The residual is detached, so only
+        dead features' pre-activations and decoder rows get gradient. `out` is the main output for
+        x; pass it to save a second forward (recomputed without grad when None). `pre_acts` [B, F]
+        are the main forward's; None computes the dead features' pre-activations alone through
+        the sparse path (cost proportional to the number of dead features), with the centre
+        folded into their bias (no centred copy of x) and no [B, D] error."""
         n_dead = int(dead_mask.sum())
         if n_dead == 0 or k_aux < 1:
             return x.new_zeros(())
@@ -256,17 +259,22 @@ class SparseCoder(nn.Module):
         dead_mask = dead_mask.to(x.device)
         if pre_acts is None:
             dead = dead_mask.nonzero(as_tuple=True)[0]
-            centre = self.b_dec if self.cfg.kind == "sae" else None
             sink = self.weight_sink
-            active = sparse_encode(x, gather_rows(self.W_enc, dead, sink, "W_enc"), self.b_enc[dead],
-                                   TopKSelection(min(k_aux, n_dead)), centre)
+            W_dead = gather_rows(self.W_enc, dead, sink, "W_enc")
+            b_dead = self.b_enc[dead]
+            if self.cfg.kind == "sae":  # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
+                b_dead = b_dead - W_dead @ self.b_dec
+            active = sparse_encode(x, W_dead, b_dead, TopKSelection(min(k_aux, n_dead)))
             recon = sparse_decode(active, gather_rows(self.W_dec, dead, sink, "W_dec"))
+            mse = squared_error(recon, residual, overwrite=True) / max(1, x.shape[0])
         else:
             masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
             vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
             acts = torch.zeros_like(pre_acts).scatter(-1, idx, F.relu(vals))
             recon = acts @ self.W_dec
-        mse = (recon - residual).pow(2).sum(-1).mean()
+            mse = (recon - residual).pow(2).sum(-1).mean()
+        if not normalize:
+            return mse
         var = (residual - residual.mean(0)).pow(2).sum(-1).mean()
         return mse / var.clamp_min(torch.finfo(var.dtype).tiny)
 

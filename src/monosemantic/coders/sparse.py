@@ -411,3 +411,38 @@ class _Rows(torch.autograd.Function):
 def gather_rows(W: Tensor, rows: Tensor, sink=None, name: str = "") -> Tensor:
     """W[rows] (differentiable); with a `sink`, the rows' gradient goes to it under `name`."""
     return W[rows] if sink is None else _Rows.apply(W, rows, sink, name)
+
+
+class _SquaredError(torch.autograd.Function):
+    """sum((pred - scale * target)^2) in one pass (a compiled kernel, or blocks of rows):
+    F.mse_loss makes the whole [B, D] error first. The backward makes the one [B, D] it must, the
+    gradient, or writes it over pred."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor, overwrite: bool, scale: float) -> Tensor:
+        ctx.save_for_backward(pred, target)
+        ctx.overwrite, ctx.scale = overwrite, scale
+        ctx.fast = (pred.ndim == 2 and pred.shape == target.shape and pred.is_contiguous()
+                    and target.stride(1) == 1 and kernels.usable_for(pred, target))
+        if ctx.fast:
+            return pred.new_tensor(kernels.squared_error(pred, target, scale))
+        total = pred.new_zeros((), dtype=torch.float64)
+        for i in range(0, pred.shape[0], 256):
+            total += (pred[i:i + 256] - scale * target[i:i + 256]).square_().sum()
+        return total.to(pred.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pred, target = ctx.saved_tensors
+        if ctx.fast and ctx.overwrite:
+            d = kernels.squared_error_grad_(pred, target, ctx.scale, 2 * float(grad))
+        else:
+            d = torch.sub(pred, target, alpha=ctx.scale, out=pred if ctx.overwrite else None).mul_(2 * grad)
+        return d, (-ctx.scale * d if ctx.needs_input_grad[1] else None), None, None
+
+
+def squared_error(pred: Tensor, target: Tensor, overwrite: bool = False, scale: float = 1.0) -> Tensor:
+    """sum((pred - scale * target)^2) over every element, differentiable in both; no [B, D]
+    temporary. `overwrite`: the backward writes pred's gradient over pred itself (no [B, D]
+    allocated), for a pred that no other backward reads."""
+    return _SquaredError.apply(pred, target, overwrite, scale)

@@ -371,10 +371,10 @@ def _sparsity_term(st, rec: dict, step: int, steps: int) -> Tensor:
             term = term + c.coef * ramp(step, steps, c.coef_warmup) * penalty
     if coder.cfg.k is not None and c.auxk_coef > 0 and bool(st.dead.dead_mask.any()):
         x, y, pred = rec["x"].detach(), rec["y"], rec["pred"]
-        err = (y - pred).detach()
         pre = None if dense is None else dense.pre_acts
-        auxk = coder.auxk_loss(x, y, pre, st.dead.dead_mask, st.res.k_aux, out=pred.detach())
-        term = term + c.auxk_coef * auxk * (err - err.mean(0)).pow(2).sum(-1).mean()
+        # the MSE over the residual's variance, weighed by that variance: the MSE itself
+        term = term + c.auxk_coef * coder.auxk_loss(x, y, pre, st.dead.dead_mask, st.res.k_aux,
+                                                    out=pred.detach(), normalize=False)
     return term
 
 

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from ..coders import CoderConfig, SparseCoder, build_coder, kernels
-from ..coders.sparse import Workspace
+from ..coders.sparse import Workspace, squared_error
 from ..coders.init import initialize
 from ..utils import atomic_write_json, prefetch, read_json, release_free_memory
 from .checkpoint import load_checkpoint, pack_optimizer, unpack_optimizer
@@ -311,10 +311,9 @@ class Trainer:
                 penalty = out.sparsity_loss if c.p_end <= 0 else coder.sparsity_penalty(out.acts, out.pre_acts, p)
                 loss = loss + c.coef * ramp(step, self.steps, c.coef_warmup) * penalty
             if use_auxk:
-                auxk = coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred)
-                err = (y - pred).detach()
-                resid_var = (err - err.mean(0)).pow(2).sum(-1).mean()
-                loss = loss + c.auxk_coef * auxk * resid_var
+                # the MSE over the residual's variance, weighed by that variance: the MSE itself
+                loss = loss + c.auxk_coef * coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred,
+                                                            normalize=False)
         finally:
             coder.weight_sink = None
         fvu_loss = st.res.recon_loss == "fvu"
@@ -454,41 +453,6 @@ class Trainer:
                 "recon_loss": st.res.recon_loss})
         self.parallel.finish(self.out)  # writes `done`, removes the checkpoint
         return coders
-
-
-class _SquaredError(torch.autograd.Function):
-    """sum((pred - scale * target)^2) in one pass (a compiled kernel, or blocks of rows):
-    F.mse_loss makes the whole [B, D] error first. The backward makes the one [B, D] it must, the
-    gradient, or writes it over pred."""
-
-    @staticmethod
-    def forward(ctx, pred: Tensor, target: Tensor, overwrite: bool, scale: float) -> Tensor:
-        ctx.save_for_backward(pred, target)
-        ctx.overwrite, ctx.scale = overwrite, scale
-        ctx.fast = (pred.ndim == 2 and pred.shape == target.shape and pred.is_contiguous()
-                    and target.stride(1) == 1 and kernels.usable_for(pred, target))
-        if ctx.fast:
-            return pred.new_tensor(kernels.squared_error(pred, target, scale))
-        total = pred.new_zeros((), dtype=torch.float64)
-        for i in range(0, pred.shape[0], 256):
-            total += (pred[i:i + 256] - scale * target[i:i + 256]).square_().sum()
-        return total.to(pred.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pred, target = ctx.saved_tensors
-        if ctx.fast and ctx.overwrite:
-            d = kernels.squared_error_grad_(pred, target, ctx.scale, 2 * float(grad))
-        else:
-            d = torch.sub(pred, target, alpha=ctx.scale, out=pred if ctx.overwrite else None).mul_(2 * grad)
-        return d, (-ctx.scale * d if ctx.needs_input_grad[1] else None), None, None
-
-
-def squared_error(pred: Tensor, target: Tensor, overwrite: bool = False, scale: float = 1.0) -> Tensor:
-    """sum((pred - scale * target)^2) over every element, differentiable in both; no [B, D]
-    temporary. `overwrite`: the backward writes pred's gradient over pred itself (no [B, D]
-    allocated), for a pred that no other backward reads."""
-    return _SquaredError.apply(pred, target, overwrite, scale)
 
 
 def _summary(metrics: dict[str, dict[str, float]]) -> dict[str, str]:
