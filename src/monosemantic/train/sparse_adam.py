@@ -1,8 +1,9 @@
 """Adam for W_enc and W_dec straight from the sparse path's factors: no [F, D] gradient is stored.
 
 On the sparse path (coders/sparse.py) the gradients of the two big weights are products S^T @ R of
-the batch's active set S [B, F] (about k entries per row) and a dense [B, D] matrix: the centred
-input for W_enc, the output's gradient for W_dec. `SparseAdamStep` receives those factors from the
+the batch's active set S [B, F] (about k entries per row) and a dense [B, D] matrix: the input
+for W_enc (less a rank-one term, the centre folded into the encoder bias, `minus`), the output's
+gradient for W_dec. `SparseAdamStep` receives those factors from the
 backward (`take`) and hands them to the compiled kernel `kernels.sparse_adam`, which forms each
 feature's gradient row, removes its component along the decoder row (the decoder-norm constraint),
 takes torch.optim.Adam's step on that row, and renormalises it, one row at a time. The gradients
