@@ -36,10 +36,24 @@ static void *run_job(void *p) {
  * the process's OpenMP threads, which are PyTorch's own (its libgomp.so.1 is already loaded, so
  * this library binds to it): no second pool spinning against the first. Otherwise on POSIX
  * threads made for the call. */
-static void parallel_for(range_fn fn, void *arg, int64_t n, int threads, const int64_t *cuts) {
+/* threads in [1, 64], and no more than the n items to split */
+static int clamp_threads(int threads, int64_t n) {
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if (threads > n) threads = n > 0 ? (int)n : 1;
+    return threads;
+}
+
+/* the thread whose range starts at `start`, for cuts from feature_sort_make or even_cuts (an empty
+ * range shares its start with the next; it writes nothing, so sharing its thread's slot is safe) */
+static int range_thread(const int64_t *cuts, int threads, int64_t start) {
+    int t = 0;
+    while (t < threads && cuts[t] != start) t++;
+    return t;
+}
+
+static void parallel_for(range_fn fn, void *arg, int64_t n, int threads, const int64_t *cuts) {
+    threads = clamp_threads(threads, n);
 #ifdef _OPENMP
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
     for (int t = 0; t < threads; t++)
@@ -403,9 +417,7 @@ static int feature_sort_make(feature_sort *s, const int64_t *offsets, const int6
             s->ent[pos] = e;
         }
     free(cursor);
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    if (threads > F) threads = F > 0 ? (int)F : 1;
+    threads = clamp_threads(threads, F);
     s->threads = threads;
     s->cuts[0] = 0;
     int64_t f = 0;
@@ -435,16 +447,8 @@ int t_matmul(const int64_t *offsets, const int64_t *index, const float *values, 
 
 /* ---- one pass over a batch: statistics, and the squared error with its gradient ----------- */
 
-static int range_thread(const int64_t *cuts, int threads, int64_t start) {
-    int t = 0;
-    while (t < threads && cuts[t] != start) t++;
-    return t;
-}
-
 static void even_cuts(int64_t *cuts, int64_t n, int *threads) {
-    if (*threads < 1) *threads = 1;
-    if (*threads > 64) *threads = 64;
-    if (*threads > n) *threads = n > 0 ? (int)n : 1;
+    *threads = clamp_threads(*threads, n);
     for (int t = 0; t <= *threads; t++) cuts[t] = n * t / *threads;
 }
 
@@ -639,9 +643,7 @@ static void adam_features(void *p, int64_t f0, int64_t f1) {
     const adam_args *a = (const adam_args *)p;
     const feature_sort *s = a->s;
     const int64_t D = a->D;
-    int t = 0;
-    while (t < s->threads && s->cuts[t] != f0) t++;  /* this range's thread: its scratch row */
-    float *restrict g = a->scratch + t * D;
+    float *restrict g = a->scratch + range_thread(s->cuts, s->threads, f0) * D;  /* its scratch row */
     const float b1 = a->beta1, b2 = a->beta2, c1 = a->c1, c2 = a->c2;
     for (int64_t f = f0; f < f1; f++) {
         float *restrict w = a->W + f * D;

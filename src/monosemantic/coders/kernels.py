@@ -66,6 +66,7 @@ _lib = None
 _tried = False
 _lock = threading.Lock()
 _i64, _f32 = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
+_f64 = ctypes.POINTER(ctypes.c_double)
 
 
 def enabled() -> bool:
@@ -163,7 +164,6 @@ def _load():
         lib.decode_rows.argtypes = [_i64, _i64, _f32, ctypes.c_int64, _f32, _f32, ctypes.c_int64,
                                     _f32, ctypes.c_int]
         lib.decode_rows.restype = None
-        _f64 = ctypes.POINTER(ctypes.c_double)
         lib.batch_stats.argtypes = [_f32, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, _f32, _f64,
                                     _f64, ctypes.c_int]
         lib.batch_stats.restype = ctypes.c_int
@@ -309,7 +309,7 @@ def batch_stats(x: Tensor, rows: bool = True) -> BatchStats:
     col = torch.zeros(D, dtype=torch.float64)
     total = ctypes.c_double(0.0)
     bad = _load().batch_stats(_ptr(x, _f32), B, D, x.stride(0), None if row_sq is None else _ptr(row_sq, _f32),
-                              ctypes.cast(col.data_ptr(), ctypes.POINTER(ctypes.c_double)),
+                              _ptr(col, _f64),
                               ctypes.byref(total), _threads())
     if bad < 0:
         raise MemoryError("batch_stats: out of memory")
