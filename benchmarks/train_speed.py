@@ -337,6 +337,7 @@ def e2e(args, cache: ActivationCache, out: Path) -> list[dict]:
 
     def run_ours() -> float:
         drop_harvest_caches()
+        shutil.rmtree(folder / "ours", ignore_errors=True)  # else a finished run is not retrained
         t0 = time.perf_counter()
         ran = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                              timeout=args.timeout)
