@@ -10,13 +10,22 @@ interleaved A B A B ... in one process after one warm-up batch each; the table g
 tokens/s over rounds (tokens = contexts x ctx_len, special tokens included, for both) and the
 ratio A / B (target >= 0.9).
 
+With --bf16 a third pipeline joins the rounds:
+  C  ours, bf16 forward   `build_cache` with forward_dtype="bfloat16" (the matmuls under
+                          torch.autocast; norms and residual stream fp32, activations stored fp32)
+and the table gives what the rounding costs: C's activations against A's over the same tokens,
+as relative error and as an FVU (squared error over A's total variance, the unit a sparse coder's
+reconstruction is scored in), plus a GEMM probe in fp32 and bf16 (AMX shows as bf16 >> fp32).
+
     python benchmarks/harvest.py --tokens 16384 --rounds 3
+    python benchmarks/harvest.py --tokens 16384 --rounds 3 --bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import tempfile
 import time
@@ -46,6 +55,8 @@ def main() -> None:
     p.add_argument("--ctx-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also build_cache with forward_dtype=bfloat16, and its activation error")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,23 +85,31 @@ def main() -> None:
         for x in xs:
             bare(input_ids=x, use_cache=False)
 
+    kept_acts: dict[str, torch.Tensor] = {}  # the last round's activations, by forward dtype
+
     def run_ours(req):
         with tempfile.TemporaryDirectory() as tmp:
             cache = build_cache(lm, docs, req, f"{tmp}/cache", progress=False)
             assert len(cache) == req.n_tokens
+            kept_acts[req.forward_dtype] = cache.read(hookpoint, 0, len(cache)).clone()
 
     warm = CacheRequest(**{**request.__dict__, "n_tokens": 100})
     run_ours(warm)
     run_bare(batches[:1])
 
     n_tok = n_ctx * t
-    speed: dict[str, list[float]] = {"ours (build_cache)": [], "bare truncated forward": []}
+    pipelines = {"ours (build_cache)": lambda: run_ours(request),
+                 "bare truncated forward": lambda: run_bare(batches)}
+    if args.bf16:
+        bf16 = CacheRequest(**{**request.__dict__, "forward_dtype": "bfloat16"})
+        run_ours(CacheRequest(**{**bf16.__dict__, "n_tokens": 100}))
+        pipelines["ours, bf16 forward"] = lambda: run_ours(bf16)
+    speed: dict[str, list[float]] = {name: [] for name in pipelines}
     print(f"smollm2-135m {hookpoint}, wiki-vital, {n_ctx} contexts x {t} = {n_tok} tokens/round "
           f"({kept} kept), batch {b}, {torch.get_num_threads()} torch threads, "
           f"{args.rounds} rounds")
     for r in range(args.rounds):
-        for name, fn in (("ours (build_cache)", lambda: run_ours(request)),
-                         ("bare truncated forward", lambda: run_bare(batches))):
+        for name, fn in pipelines.items():
             start = time.perf_counter()
             fn()
             speed[name].append(n_tok / (time.perf_counter() - start))
@@ -98,8 +117,26 @@ def main() -> None:
     print("\n| pipeline | median tok/s | rounds (tok/s) |\n|---|---:|---|")
     for name, xs in speed.items():
         print(f"| {name} | {statistics.median(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} |")
-    ours, bare_ = (statistics.median(xs) for xs in speed.values())
+    ours, bare_ = (statistics.median(xs) for xs in list(speed.values())[:2])
     print(f"\nratio ours / bare = {ours / bare_:.3f} (target >= 0.9)")
+    if args.bf16:
+        exact, rounded = kept_acts["float32"], kept_acts["bfloat16"]
+        err = (rounded - exact).pow(2).sum()
+        fvu = err / (exact - exact.mean(0)).pow(2).sum()
+        print(f"ratio bf16 forward / fp32 = {statistics.median(speed['ours, bf16 forward']) / ours:.2f}; "
+              f"bf16 activations against fp32 over {len(exact)} tokens: relative error "
+              f"{(err.sqrt() / exact.norm()).item():.2e}, as FVU {fvu.item():.2e}")
+        flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+        a, w = torch.randn(1024, 576), torch.randn(1536, 576)
+        for dtype in (torch.float32, torch.bfloat16):
+            x, y = a.to(dtype), w.to(dtype)
+            x @ y.T
+            start = time.perf_counter()
+            for _ in range(20):
+                x @ y.T
+            rate = 20 * 2 * 1024 * 576 * 1536 / (time.perf_counter() - start) / 1e9
+            print(f"GEMM probe [1024, 576] x [576, 1536] {str(dtype)[6:]}: {rate:.0f} GFLOP/s")
+        print("CPU has AMX-BF16:", "amx_bf16" in flags, "; AVX512-BF16:", "avx512_bf16" in flags)
 
 
 if __name__ == "__main__":

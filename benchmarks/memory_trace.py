@@ -11,6 +11,11 @@ sums the storage of every live tensor (gc), which is what the allocator cannot g
     python benchmarks/memory_trace.py                                 # default allocator settings
     MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/memory_trace.py   # glibc: large blocks unmapped
 
+`--steps 122` trains over the whole 500k-token cache, one epoch as the table's quality runs do:
+a feature then counts as dead after a tenth of the run (`TrainConfig`'s default, 49,971 tokens),
+so AuxK runs in the later steps only. The default 8 steps count dead after 3,277 tokens: AuxK in
+every step.
+
 The floor the issue names is weights + Adam state + one batch: 3 x 2 x F x d x 4 bytes +
 B x d x 4 bytes = 131 MB here. Linux only (reads /proc).
 """
@@ -125,6 +130,10 @@ def main() -> None:
     top_anon = max(ph["anon"] for ph in phases) - base
     print(f"live tensors after the last step: {live:.0f} MB = {live / floor:.2f} x the floor; largest: {big}")
     print(f"largest anonymous memory over the base: {top_anon:.0f} MB = {top_anon / floor:.2f} x the floor")
+    # inside a step: each phase's peak (VmHWM) less the file pages mapped at its end
+    top_peak = max(ph["peak"] - ph["file"] for ph in phases[2:]) - base
+    print(f"largest peak inside a phase (less file pages) over the base: {top_peak:.0f} MB = "
+          f"{top_peak / floor:.2f} x the floor")
     if args.out:
         Path(args.out).write_text(json.dumps({"floor_mb": floor, "phases": phases}, indent=1))
 

@@ -130,6 +130,31 @@ def test_mismatched_manifest_and_foreign_folder_are_refused(llama, documents, ca
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
+def test_bfloat16_forward_is_close_recorded_and_kept_apart(llama, documents, cache, tmp_path):
+    """forward_dtype="bfloat16" autocasts the harvest's matmuls: the activations stay fp32 and
+    near the fp32 forward's, but differ (bf16 rounding), and the request names it so that the two
+    caches never mix. A float32 request keeps the name it had before the field existed."""
+    bf = build_cache(llama, documents, request(forward_dtype="bfloat16"), tmp_path / "bf16",
+                     progress=False)
+    assert bf.request.forward_dtype == "bfloat16" and len(bf) == len(cache)
+    assert np.array_equal(bf.tokens(), cache.tokens())
+    for h in HOOKPOINTS:
+        exact, rounded = cache.read(h, 0, 500), bf.read(h, 0, 500)
+        assert rounded.dtype == torch.float32
+        rel = ((rounded - exact).norm() / exact.norm()).item()
+        assert 1e-4 < rel < 0.02, (h, rel)
+    assert request(forward_dtype="bfloat16").default_folder() != request().default_folder()
+    assert "forward_dtype" not in request().to_json()
+    assert request().default_folder().name.endswith("-train-f3bc47dfbc")  # pinned name
+    with pytest.raises(ValueError, match=r"forward_dtype must be one of \['float32', 'bfloat16'\]"):
+        request(forward_dtype="float16")
+    for folder, asked, cached in ((cache.folder, "bfloat16", "float32"),
+                                  (bf.folder, "float32", "bfloat16")):
+        with pytest.raises(ValueError, match=rf"different request \(forward_dtype: cached "
+                                             rf"'{cached}', asked '{asked}'\)"):
+            build_cache(llama, documents, request(forward_dtype=asked), folder, progress=False)
+
+
 def cache_args(model: Path, corpus: Path, out: Path) -> list[str]:
     return ["cache", str(model), str(corpus), "--tokens", "3000", "--ctx-len", "32",
             "--batch-size", "4", "--contexts-per-shard", "16", "--hookpoints", "model.layers.1",

@@ -176,6 +176,16 @@ def test_batch_size_must_be_whole_contexts(tmp_path):
         train_spliced(lm, _corpus(tmp_path), [spec], tmp_path / "run", LossConfig("e2e"), ctx_len=CTX)
 
 
+def test_forward_dtype_is_refused_where_nothing_is_cached(tmp_path):
+    from monosemantic.train.pipeline import train_on_corpus
+
+    spec = CoderSpec("l1", "model.layers.1", TrainConfig(tokens=256, batch_size=64))
+    with pytest.raises(ValueError, match="the 'e2e' loss caches nothing: drop --forward-dtype"):
+        train_on_corpus(make_lm("llama"), _corpus(tmp_path), [spec], tmp_path / "run", ctx_len=CTX,
+                        loss=LossConfig("e2e"), forward_dtype="bfloat16")
+    assert not (tmp_path / "run").exists()
+
+
 def _corpus(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(sample_documents(200, seed=3)))

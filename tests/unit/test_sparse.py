@@ -147,6 +147,32 @@ def test_sparse_auxk_matches_eager(kind):
         assert s[~dead].abs().max() == 0  # only dead features learn from AuxK
 
 
+@pytest.mark.parametrize("kind", ("sae", "transcoder"))
+def test_sparse_auxk_scales_folded_and_no_residual(kind):
+    """AuxK as the trainer calls it: the input scale on the GEMM, the target scale in the loss,
+    and (normalize=False) recon + out against the target instead of a residual. Same loss and
+    gradients as the eager form on copies scaled first."""
+    coder, x, y = _coder("topk", kind)
+    s, t = 0.37, 1.9
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[1::3] = True
+    with torch.no_grad():
+        out = coder(x * s).out
+
+    def aux(pre_acts, *args, **kw):
+        coder.zero_grad(set_to_none=True)
+        loss = coder.auxk_loss(*args, pre_acts, dead, 8, out=out.clone(), normalize=False, **kw)
+        loss.backward()
+        return float(loss.detach()), coder.W_enc.grad.clone(), coder.W_dec.grad.clone(), coder.b_enc.grad.clone()
+
+    eager = aux(coder.encode(x * s).pre_acts, x * s, y * t)
+    folded = aux(None, x, y, scale=s, target_scale=t)
+    assert folded[0] == pytest.approx(eager[0], rel=1e-5)
+    for e, f in zip(eager[1:], folded[1:]):
+        torch.testing.assert_close(f, e, atol=1e-5, rtol=1e-4)
+        assert f[~dead].abs().max() == 0
+
+
 @pytest.mark.parametrize("activation", ("topk", "batchtopk"))
 def test_trainer_sparse_path_equals_eager(tmp_path, activation):
     torch.manual_seed(0)

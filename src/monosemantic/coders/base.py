@@ -235,7 +235,8 @@ class SparseCoder(nn.Module):
     # ---- dead features: AuxK ----------------------------------------------------------------
 
     def auxk_loss(self, x: Tensor, target: Tensor, pre_acts: Tensor | None, dead_mask: Tensor,
-                  k_aux: int, out: Tensor | None = None, normalize: bool = True) -> Tensor:
+                  k_aux: int, out: Tensor | None = None, normalize: bool = True,
+                  scale: float = 1.0, target_scale: float = 1.0) -> Tensor:
         """AuxK (Gao et al. 2024): the top-k_aux pre-activations among dead features (ReLU'd) must
         reconstruct the main residual (target - out), decoded without b_dec. Returns the MSE
         divided by the residual's variance (0 when no feature is dead); with normalize=False the
@@ -245,29 +246,40 @@ class SparseCoder(nn.Module):
         x; pass it to save a second forward (recomputed without grad when None). `pre_acts` [B, F]
         are the main forward's; None computes the dead features' pre-activations alone through
         the sparse path (cost proportional to the number of dead features), with the centre
-        folded into their bias (no centred copy of x) and no [B, D] error."""
+        folded into their bias (no centred copy of x) and no [B, D] error.
+
+        `scale` and `target_scale`: the coder's input is scale * x and its target
+        target_scale * target (a trainer's normalisation, left to the GEMM and the loss rather
+        than copied); `out` is the output for the scaled input. With normalize=False on that
+        path the residual is never made either: ||recon - (t - out)||^2 = ||(recon + out) - t||^2,
+        so the dead features' decode is added to (a copy of) out in place."""
         n_dead = int(dead_mask.sum())
         if n_dead == 0 or k_aux < 1:
             return x.new_zeros(())
         if out is None:
             with torch.no_grad():
                 saved = [b.clone() for b in self.buffers()]  # don't count x twice (batchtopk)
-                out = self.forward(x).out
+                out = self.forward(x * scale if scale != 1.0 else x).out
                 for b, s in zip(self.buffers(), saved):
                     b.copy_(s)
-        residual = (target - out).detach()
         dead_mask = dead_mask.to(x.device)
         if pre_acts is None:
             dead = dead_mask.nonzero(as_tuple=True)[0]
             sink = self.weight_sink
             W_dead = gather_rows(self.W_enc, dead, sink, "W_enc")
             b_dead = self.b_enc[dead]
-            if self.cfg.kind == "sae":  # (x - b_dec) W^T + b = x W^T + (b - W b_dec)
+            if self.cfg.kind == "sae":  # (s x - b_dec) W^T + b = s x W^T + (b - W b_dec)
                 b_dead = b_dead - W_dead @ self.b_dec
-            active = sparse_encode(x, W_dead, b_dead, TopKSelection(min(k_aux, n_dead)))
+            active = sparse_encode(x, W_dead, b_dead, TopKSelection(min(k_aux, n_dead)),
+                                   scale=scale, gemm_scale=True)
             recon = sparse_decode(active, gather_rows(self.W_dec, dead, sink, "W_dec"))
+            if not normalize:  # recon + out against the target: the only [B, D] is recon
+                return squared_error(recon.add_(out.detach()), target.detach(), overwrite=True,
+                                     scale=target_scale) / max(1, x.shape[0])
+            residual = torch.sub(out.detach(), target.detach(), alpha=target_scale).neg_()
             mse = squared_error(recon, residual, overwrite=True) / max(1, x.shape[0])
         else:
+            residual = torch.sub(out.detach(), target.detach(), alpha=target_scale).neg_()
             masked = pre_acts.masked_fill(~dead_mask, float("-inf"))
             vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
             acts = torch.zeros_like(pre_acts).scatter(-1, idx, F.relu(vals))

@@ -270,13 +270,15 @@ class _Encode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, centre: Tensor | None, W_enc: Tensor, b_enc: Tensor,
-                select: Selection, chunk: int, sink=None, scale: float = 1.0):
+                select: Selection, chunk: int, sink=None, scale: float = 1.0,
+                gemm_scale: bool = False):
         # In training (a sink): (x - centre) @ W_enc.T + b_enc = x @ W_enc.T + (b_enc - W_enc @ centre),
         # the centre folded into the bias, so no centred [B, D] copy of x is made, nor kept for the
         # backward. Elsewhere x is centred first, as the eager forward does, so that thresholds
         # (JumpReLU, BatchTopK at inference) see the same rounding on either path.
-        # `scale` (the training's input scale) rides on the GEMM with a sink, else x is scaled first
-        if scale != 1.0 and sink is None:
+        # `scale` (the training's input scale) rides on the GEMM with a sink (or when asked:
+        # `gemm_scale`, AuxK's dead features in training), else x is scaled first
+        if scale != 1.0 and sink is None and not gemm_scale:
             x, scale = x * scale, 1.0
         fold = centre is not None and sink is not None
         xin = x if centre is None or fold else x - centre
@@ -333,7 +335,7 @@ class _Encode(torch.autograd.Function):
         d_centre = -(d_b @ W_enc) if (ctx.has_centre and need_centre) else None
         if sink is not None:  # last: the sink may update W_enc in place (train/sparse_adam.py)
             sink.take("W_enc", offsets, index, gs, xin, minus=None if centre is None else (d_b, centre))
-        return d_x, d_centre, d_W, d_b if need_b else None, None, None, None, None
+        return d_x, d_centre, d_W, d_b if need_b else None, None, None, None, None, None
 
 
 class _Decode(torch.autograd.Function):
@@ -378,12 +380,14 @@ class _Decode(torch.autograd.Function):
 
 def sparse_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor, select: Selection,
                   centre: Tensor | None = None, chunk: int = CHUNK_ROWS, sink=None,
-                  scale: float = 1.0) -> ActiveSet:
+                  scale: float = 1.0, gemm_scale: bool = False) -> ActiveSet:
     """The active set of ReLU(select((x - centre) @ W_enc.T + b_enc)), differentiable in x,
     centre, W_enc and b_enc through the selected entries. With a `sink`
     (train/sparse_adam.SparseAdamStep) W_enc gets no .grad: its gradient's factors go to
-    `sink.take("W_enc", ...)` instead, and `scale` (the input is scale * x) rides on the GEMM."""
-    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk, sink, scale)
+    `sink.take("W_enc", ...)` instead, and `scale` (the input is scale * x) rides on the GEMM;
+    without one, `gemm_scale` asks for the same (else scale * x is made first)."""
+    values, index, offsets = _Encode.apply(x, centre, W_enc, b_enc, select, chunk, sink, scale,
+                                           gemm_scale)
     return ActiveSet(values, index, offsets)
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "monosemantic.activations/1"
 DTYPES = {"float32": np.float32, "float16": np.float16}
+FORWARD_DTYPES = ("float32", "bfloat16")
 DEBUG_SLEEP_ENV = "MONOSEMANTIC_DEBUG_SHARD_SLEEP"
 
 
@@ -57,12 +58,17 @@ class CacheRequest:
     dtype: str = "float32"
     eval_fraction: float = 0.05
     exclude_ids: tuple[int, ...] = ()
+    forward_dtype: str = "float32"
+    """The model's matmuls: float32, or bfloat16 under torch.autocast (activations.harvest_batch)."""
 
     def __post_init__(self):
         if self.n_tokens <= 0:
             raise ValueError(f"n_tokens must be positive, got {self.n_tokens}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {list(FORWARD_DTYPES)}, "
+                             f"got {self.forward_dtype!r}")
         if self.contexts_per_shard % self.batch_size:
             raise ValueError(f"contexts_per_shard ({self.contexts_per_shard}) must be a multiple "
                              f"of batch_size ({self.batch_size})")
@@ -72,6 +78,8 @@ class CacheRequest:
     def to_json(self) -> dict:
         d = asdict(self)
         d["hookpoints"], d["exclude_ids"] = list(self.hookpoints), list(self.exclude_ids)
+        if d["forward_dtype"] == "float32":  # caches made before the field keep their names
+            del d["forward_dtype"]
         return d
 
     @classmethod
@@ -228,8 +236,8 @@ def _check_match(folder: Path, request: CacheRequest) -> dict | None:
                              "output folder")
         return None
     manifest = read_json(path)
-    theirs = manifest.get("request", {})
-    ours = request.to_json()
+    theirs = {"forward_dtype": "float32", **manifest.get("request", {})}  # older manifests lack it
+    ours = {**request.to_json(), "forward_dtype": request.forward_dtype}
     diff = [f"{k}: cached {theirs.get(k)!r}, asked {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         raise ValueError(f"the activation cache in {folder} was made for a different request "
@@ -261,7 +269,7 @@ def build_cache(lm, documents: list[str], request: CacheRequest, folder: str | P
     cps = request.contexts_per_shard
     chunks = harvest(lm.model, lm.tokenizer, documents, hookpoints, request.ctx_len,
                      lm.bos_token_id, request.batch_size, list(request.exclude_ids),
-                     skip_contexts=first_shard * cps)
+                     skip_contexts=first_shard * cps, forward_dtype=request.forward_dtype)
     if done >= request.n_tokens:  # killed after the last shard, before `complete` was written
         chunks = iter(())
     bar = tqdm(total=request.n_tokens, initial=done, unit="tok", unit_scale=True,

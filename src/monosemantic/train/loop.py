@@ -284,15 +284,15 @@ class Trainer:
         sink = (SparseAdamStep(st.opt, coder, st.constrained, exclusive=not use_auxk, workspace=st.workspace)
                 if sparse_path and c.sparse_adam and SparseAdamStep.usable(st.opt, coder, st.res.grad_clip,
                                                          self.parallel.mode == "data") else None)
-        # with the sink and no AuxK, the normalisation's scales ride on the encoder GEMM and the
-        # loss: no scaled copy of the batch. Otherwise the batch is scaled (an SAE's input and
+        # with the sink, the normalisation's scales ride on the encoder GEMMs (AuxK's too) and the
+        # losses: no scaled copy of the batch. Otherwise the batch is scaled (an SAE's input and
         # target are one tensor: scaled once)
-        fold = sink is not None and not use_auxk and keep is None and step not in st.res.resample_steps
+        fold = sink is not None and keep is None and step not in st.res.resample_steps
         if fold:
             scale_in, target_scale = st.scale_in, st.scale_out
         else:
-            x_in = x * st.scale_in  # not in the workspace: this path is rare (AuxK steps), and a
-            # buffer kept for it would stay through every step after
+            x_in = x * st.scale_in  # not in the workspace: this path is rare (resampling steps,
+            # no kernels), and a buffer kept for it would stay through every step after
             y = x_in if same and st.scale_out == st.scale_in else y * st.scale_out
             x, scale_in, target_scale = x_in, 1.0, 1.0
         coder.weight_sink = sink
@@ -313,7 +313,8 @@ class Trainer:
             if use_auxk:
                 # the MSE over the residual's variance, weighed by that variance: the MSE itself
                 loss = loss + c.auxk_coef * coder.auxk_loss(x, y, pre_acts, dead, st.res.k_aux, out=pred,
-                                                            normalize=False)
+                                                            normalize=False, scale=scale_in,
+                                                            target_scale=target_scale)
         finally:
             coder.weight_sink = None
         fvu_loss = st.res.recon_loss == "fvu"

@@ -26,12 +26,17 @@ def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ct
                     forward_batch: int = 8, cache_folder: str | Path | None = None,
                     text_field: str = "text", progress: bool = True,
                     parallel: Parallel | None = None,
-                    loss: LossConfig | None = None) -> dict[str, SparseCoder]:
+                    loss: LossConfig | None = None,
+                    forward_dtype: str = "float32") -> dict[str, SparseCoder]:
     """Cache `specs`' hookpoints over the train split of `corpus`, then train every coder
     (on this rank: all coders in data mode, its own in layers mode). With an e2e `loss`, train
-    through the model on token contexts instead (`train_spliced`)."""
+    through the model on token contexts instead (`train_spliced`). `forward_dtype` is the
+    caching forward's (`harvest_batch`)."""
     parallel = parallel or Parallel.current()
     if loss is not None and loss.needs_model:
+        if forward_dtype != "float32":
+            raise ValueError(f"forward_dtype={forward_dtype!r} sets the caching forward pass, and "
+                             f"the {loss.loss!r} loss caches nothing: drop --forward-dtype")
         return train_spliced(lm, corpus, specs, out, loss, ctx_len, text_field, progress, parallel)
     cfg = specs[0].config
     hookpoints = []
@@ -43,7 +48,8 @@ def train_on_corpus(lm, corpus: str, specs: list[CoderSpec], out: str | Path, ct
     request = CacheRequest(model=lm.name, corpus=corpus, split="train", hookpoints=tuple(hookpoints),
                            n_tokens=cfg.tokens, ctx_len=ctx_len, batch_size=forward_batch,
                            contexts_per_shard=8 * forward_batch,
-                           exclude_ids=tuple(special_token_ids(lm.tokenizer)))
+                           exclude_ids=tuple(special_token_ids(lm.tokenizer)),
+                           forward_dtype=forward_dtype)
     cache = parallel.main_first(  # rank 0 builds; the others then open the finished cache
         lambda: build_cache(lm, docs, request, cache_folder, progress=progress and parallel.is_main),
         "build the activation cache", patient=True)
