@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import random
 import sys
 import tempfile
@@ -104,6 +105,29 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Te
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags as /proc/cpuinfo lists them (x86 "flags", Arm "Features"), else
+    `platform.processor()`."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cpu_has_bf16_units() -> bool | None:
+    """Whether the CPU multiplies bf16 in hardware (x86: AMX-BF16 or AVX512-BF16; Arm: BF16),
+    from its flags; None where no flags can be read."""
+    flags = cpu_flags()
+    if not flags.startswith(("flags", "Features")):
+        return None
+    names = set(flags.split(":", 1)[-1].split())
+    return bool(names & {"amx_bf16", "avx512_bf16", "bf16"})
 
 
 def seed_everything(seed: int) -> None:

@@ -155,6 +155,23 @@ def test_bfloat16_forward_is_close_recorded_and_kept_apart(llama, documents, cac
             build_cache(llama, documents, request(forward_dtype=asked), folder, progress=False)
 
 
+@pytest.mark.parametrize("flags, units", [
+    ("flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n", True),
+    ("flags\t\t: fpu sse avx2 fma\n", False),
+    ("Features\t: fp asimd bf16 i8mm\n", True),
+    ("x86_64", None)])  # no /proc/cpuinfo: platform.processor()
+def test_bf16_forward_warns_on_a_cpu_without_bf16_units(llama, documents, tmp_path, caplog,
+                                                        monkeypatch, flags, units):
+    import monosemantic.utils as utils
+
+    monkeypatch.setattr(utils, "cpu_flags", lambda: flags)
+    assert utils.cpu_has_bf16_units() is units
+    with caplog.at_level("WARNING", logger="monosemantic.data.cache"):
+        build_cache(llama, documents, request(n_tokens=40, forward_dtype="bfloat16"),
+                    tmp_path / "bf16", progress=False)
+    assert ("much slower than fp32" in caplog.text) == (units is False)
+
+
 def cache_args(model: Path, corpus: Path, out: Path) -> list[str]:
     return ["cache", str(model), str(corpus), "--tokens", "3000", "--ctx-len", "32",
             "--batch-size", "4", "--contexts-per-shard", "16", "--hookpoints", "model.layers.1",

@@ -53,7 +53,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..utils import cache_dir
+from ..utils import cache_dir, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,6 @@ def _compiler() -> str | None:
         if name and shutil.which(name):
             return shutil.which(name)
     return None
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _gomp_loaded() -> bool:
@@ -143,7 +132,7 @@ def _load():
         try:
             version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
             openmp = _gomp_loaded()
-            parts = (SOURCE.read_text(), cc, version, platform.machine(), _cpu_flags(), str(openmp))
+            parts = (SOURCE.read_text(), cc, version, platform.machine(), cpu_flags(), str(openmp))
             key = hashlib.sha256(b"\0".join(p.encode() for p in parts)).hexdigest()[:16]
             path = cache_dir() / "kernels" / f"sparse-{key}.so"
             if not path.exists():

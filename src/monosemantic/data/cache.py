@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..utils import atomic_write, atomic_write_json, cache_dir, read_json
+from ..utils import atomic_write, atomic_write_json, cache_dir, cpu_has_bf16_units, read_json
 from .activations import ActivationChunk, harvest
 
 log = logging.getLogger(__name__)
@@ -267,6 +267,11 @@ def build_cache(lm, documents: list[str], request: CacheRequest, folder: str | P
     done = sum(s["n_tokens"] for s in manifest["shards"])
     first_shard = len(manifest["shards"])
     cps = request.contexts_per_shard
+    device = next(lm.model.parameters()).device
+    if request.forward_dtype == "bfloat16" and device.type == "cpu" and cpu_has_bf16_units() is False:
+        log.warning("forward_dtype=bfloat16 on a CPU without AMX-BF16 or AVX512-BF16: its bf16 "
+                    "matmuls run in software, much slower than fp32; --forward-dtype float32 is "
+                    "the fast choice here")
     chunks = harvest(lm.model, lm.tokenizer, documents, hookpoints, request.ctx_len,
                      lm.bos_token_id, request.batch_size, list(request.exclude_ids),
                      skip_contexts=first_shard * cps, forward_dtype=request.forward_dtype)
