@@ -197,6 +197,66 @@ def test_trainer_sparse_path_equals_eager(tmp_path, activation):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("margin", [64, 1])  # 1: most rows are redone in fp32
+@pytest.mark.parametrize("centred", [True, False])
+@pytest.mark.parametrize("few", [0, 10**6])  # redone rows through the GEMM, or all through dots
+def test_bf16_screened_topk_selects_exactly(sparse_ops, monkeypatch, margin, centred, few):
+    """The bf16-precision screen keeps the exact top-k: every row's index set is the float64
+    reference's, the values are fp32's, and rows it cannot decide go to the fp32 GEMM."""
+    from monosemantic.coders import sparse
+
+    if sparse_ops == "torch-ops":
+        pytest.skip("the screen runs with the compiled kernels only")
+    monkeypatch.setattr(sparse, "SCREEN_FEW", few)
+    g = torch.Generator().manual_seed(3)
+    r, n, d, k, alpha = 300, 1024, 96, 8, 0.7
+    x = torch.randn(r, d, generator=g) * 2
+    W = torch.randn(n, d, generator=g)
+    W /= W.norm(dim=1, keepdim=True)
+    c, b0 = torch.randn(d, generator=g), torch.randn(n, generator=g) * 0.5
+    bias, centre = (b0 - W @ c, (c, b0)) if centred else (b0, None)
+    ref = (alpha * x.double() - (c.double() if centred else 0)) @ W.double().T + b0.double()
+    redone = []
+    split = TopKSelection.block_bias_split
+    monkeypatch.setattr(TopKSelection, "block_bias_split",
+                        lambda self, x, *a: (redone.append(len(x)), split(self, x, *a))[1])
+    buffer = torch.empty(128 * n)  # 128 rows at a time: three passes
+    counts, idx, vals = TopKSelection(k).block_bias_screened(
+        x, W, bias, buffer, n, alpha, float(W.norm(dim=1).max()), centre, margin)
+    assert counts.tolist() == [k] * r
+    idx, order = idx.view(r, k).sort(dim=1)
+    top = ref.topk(k, dim=1)
+    want, want_order = top.indices.sort(dim=1)
+    assert torch.equal(idx, want)
+    torch.testing.assert_close(vals.view(r, k).gather(1, order).double(),
+                               top.values.gather(1, want_order), rtol=1e-5, atol=1e-5)
+    assert (sum(redone) > r // 2) == (margin == 1 and few == 0)
+
+
+def test_bf16_screen_gives_a_training_step_the_same_loss_and_update(sparse_ops, tmp_path, monkeypatch):
+    """One training step with the screen forced on and off: the same loss and weights after the
+    step, to float rounding (later steps may part where two features tie to within rounding)."""
+    if sparse_ops == "torch-ops":
+        pytest.skip("the screen runs with the compiled kernels only")
+    gen = torch.Generator().manual_seed(5)
+    data = torch.randn(256, 96, generator=gen) @ torch.randn(96, 96, generator=gen) + 3.0
+    cfg = TrainConfig(n_features=1024, k=8, tokens=256, batch_size=256, lr=1e-3, checkpoint_every=100)
+    results, screened = {}, []
+    screen = TopKSelection.block_bias_screened
+    monkeypatch.setattr(TopKSelection, "block_bias_screened",
+                        lambda self, *a: (screened.append(len(a[0])), screen(self, *a))[1])
+    for on in ("1", "0"):
+        monkeypatch.setenv("MONOSEMANTIC_BF16_SCREEN", on)
+        trainer = Trainer([CoderSpec("c", "h", cfg)], {"h": 96}, tmp_path / on)
+        coder = trainer.fit(lambda start: iter([{"h": data}][start:]), progress=False)["c"]
+        results[on] = (trainer.states[0].last["loss"], coder.state_dict())
+        assert sum(screened) == (256 if on == "1" else 0)  # the whole batch, when on
+        screened.clear()
+    assert results["1"][0] == pytest.approx(results["0"][0], rel=1e-5)
+    for name, p in results["0"][1].items():
+        torch.testing.assert_close(results["1"][1][name], p, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("n_features,k", [(64, 2), (64, 40), (10, 10)])
 def test_weight_gradient_product_is_the_same_sparse_or_dense(n_features, k):
     """S^T @ X goes through a dense S above DENSE_ABOVE; either way it is the product."""
