@@ -272,6 +272,7 @@ class TopKSelection(Selection):
             return self.block_bias_split(x, W, bias, buffer, width, alpha)
         approx, cand = x.new_empty(r, wide), torch.empty(r, wide, dtype=torch.int64)
         norms = x.new_empty(r)  # of what the approximate GEMM multiplies
+        neg_c = None if centre is None else -centre[0]
         with _bf16_precision():
             for i in range(0, r, rows):
                 m = min(rows, r - i)
@@ -280,7 +281,7 @@ class TopKSelection(Selection):
                     plain = bias
                     torch.linalg.vector_norm(x[i:i + m], dim=1, out=norms[i:i + m]).mul_(abs(alpha))
                 else:
-                    xc = torch.sub(x[i:i + m] * alpha, centre[0])
+                    xc = torch.add(neg_c, x[i:i + m], alpha=alpha)  # alpha x - c, one pass
                     pre = torch.mm(xc, W.T, out=buffer[:m * n].view(m, n))
                     plain = centre[1]
                     torch.linalg.vector_norm(xc, dim=1, out=norms[i:i + m])
