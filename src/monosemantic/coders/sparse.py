@@ -66,12 +66,14 @@ many). MKL packs the whole right-hand matrix into a buffer of its own on every c
 with 4,608, 1.75x at 67% with the whole 9,216, 1.59x at 61% with 2,304 (four blocks: the later
 blocks' heap work)."""
 
-SCREEN_ERROR = 0.01
-"""Bound on |bf16-precision GEMM - exact| for one entry, as a multiple of |alpha| ||x|| ||w||: bf16
-rounds each input to nearest with relative error 2^-8, so a product is off by at most
-(2^-7 + 2^-16) |x_i| |w_i|; fp32 accumulation over D <= 576 terms adds 576 x 2^-24 of the sum
-of |x_i w_i|, and that sum is at most ||x|| ||w|| (Cauchy-Schwarz): 0.00787 in all, rounded up
-to 0.01. The measured worst case on the [O1.3] coder was 6-8% of this bound."""
+def screen_error(d: int) -> float:
+    """Bound on |bf16-precision GEMM - exact| for one entry of a width-d product, as a multiple of
+    ||x|| ||w||: bf16 rounds each input to nearest with relative error 2^-8, so a product is off by
+    at most (2^-7 + 2^-16) |x_i| |w_i|; fp32 accumulation of d terms, in any order, adds at most
+    d x 2^-24 of the sum of |x_i w_i|; and that sum is at most ||x|| ||w|| (Cauchy-Schwarz). A
+    quarter more for the roundings around it. 0.0098 at d = 576, where the measured worst case on
+    the [O1.3] coder was 6-8% of it."""
+    return 1.25 * (2.0 ** -7 + 2.0 ** -16 + d * 2.0 ** -24)
 
 SCREEN_MARGIN = 64
 """Candidates beyond k that a screened row keeps (`TopKSelection.block_bias_screened`). On the
@@ -257,7 +259,7 @@ class TopKSelection(Selection):
         2. the candidates' exact values (`kernels.sampled_dot`, fp32), and the k largest of them;
         3. a row is done when no other feature can beat its exact k-th value: every
            non-candidate's approximate value is at most the smallest candidate's, and its error at
-           most SCREEN_ERROR |alpha| ||x|| w_max (w_max >= every row norm of W);
+           most screen_error(D) |alpha| ||x|| w_max (w_max >= every row norm of W);
         4. rows not done are redone in fp32 (`kernels.sampled_dot` over every feature for a few
            rows, else `block_bias_split`).
         `centre` = (c, b): `bias` is b - W c, folded; step 1 then runs on alpha x - c (a few rows
@@ -296,7 +298,7 @@ class TopKSelection(Selection):
         # of centring (2^-22 of the parts' norms)
         slack = 0.0 if centre is None else 2.0 ** -22 * w_max * (
             abs(alpha) * torch.linalg.vector_norm(x, dim=1) + float(torch.linalg.vector_norm(centre[0])))
-        reach = low + SCREEN_ERROR * w_max * norms + 2.0 ** -20 * (low.abs() + kth.abs()) + slack
+        reach = low + screen_error(x.shape[1]) * w_max * norms + 2.0 ** -20 * (low.abs() + kth.abs()) + slack
         redo = (reach >= kth).nonzero().flatten()
         if 0 < len(redo) <= SCREEN_FEW:  # a few rows: all their dots, no BLAS packing buffer
             full = torch.arange(n, dtype=torch.int64).repeat(len(redo))
