@@ -233,6 +233,22 @@ def test_bf16_screened_topk_selects_exactly(sparse_ops, monkeypatch, margin, cen
     assert (sum(redone) > r // 2) == (margin == 1 and few == 0)
 
 
+def test_bf16_screen_probe_refuses_an_error_beyond_the_bound(sparse_ops, monkeypatch):
+    """The probe turns the screen off where the bf16 GEMM errs by more than half the bound the
+    proof assumes (a bound of 0 here); the env switch overrides it either way."""
+    from monosemantic.coders import sparse
+
+    if sparse_ops == "torch-ops":
+        pytest.skip("the probe is the same on either path")
+    monkeypatch.setattr(sparse, "screen_error", lambda d: 0.0)
+    assert sparse._screen_probe() is False
+    monkeypatch.setattr(sparse, "_screen_state", {})
+    monkeypatch.delenv("MONOSEMANTIC_BF16_SCREEN", raising=False)
+    assert sparse.bf16_screen_usable() is False
+    monkeypatch.setenv("MONOSEMANTIC_BF16_SCREEN", "1")
+    assert sparse.bf16_screen_usable() is True
+
+
 def test_bf16_screen_gives_a_training_step_the_same_loss_and_update(sparse_ops, tmp_path, monkeypatch):
     """One training step with the screen forced on and off: the same loss and weights after the
     step, to float rounding (later steps may part where two features tie to within rounding)."""

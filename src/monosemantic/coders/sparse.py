@@ -93,8 +93,9 @@ _screen_state: dict[str, bool] = {}
 def bf16_screen_usable() -> bool:
     """Whether the encoder GEMM in training may be screened in bf16 precision: on when this
     machine's oneDNN runs [256, 576] x [576, 1024] at bf16 precision at least 1.5x faster than
-    fp32 (measured once per process: CPUs with AMX or AVX512-BF16); MONOSEMANTIC_BF16_SCREEN=0
-    turns it off, =1 on regardless of speed (tests)."""
+    fp32 (CPUs with AMX or AVX512-BF16) and within half of `screen_error`'s bound on that product
+    (a oneDNN that truncated instead of rounding would fail it); measured once per process.
+    MONOSEMANTIC_BF16_SCREEN=0 turns it off, =1 on regardless (tests)."""
     env = os.environ.get(_SCREEN_ENV, "")
     if env in ("0", "1"):
         return env == "1"
@@ -118,9 +119,14 @@ def _screen_probe() -> bool:
             return time.perf_counter() - start
 
     try:
-        return rate(True) * 1.5 <= rate(False)
+        if rate(True) * 1.5 > rate(False):
+            return False
+        with _bf16_precision():  # and its error within half the bound the proof assumes
+            torch.mm(x, W.T, out=out)
     except RuntimeError:
         return False
+    err = (out.double() - x.double() @ W.double().T).abs()
+    return bool((err <= 0.5 * screen_error(x.shape[1]) * torch.outer(x.norm(dim=1), W.norm(dim=1)).double()).all())
 
 
 class _bf16_precision:
