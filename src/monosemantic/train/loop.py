@@ -219,8 +219,12 @@ class Trainer:
         wandb = self._wandb() if main else None
         bar = tqdm(total=self.steps, initial=start, unit="step", desc="training",
                    disable=not (progress and main), dynamic_ncols=True)
-        # in a torchrun run: this rank's rows of each batch; read in a thread during the step
-        it = prefetch(batches(start), depth=1)  # one batch read during each step
+        # in a torchrun run: this rank's rows of each batch. On an accelerator the next batch is
+        # read in a thread during each step (the CPU is otherwise idle then). On the CPU the step
+        # keeps every core busy, so reading ahead gained nothing and held a second batch: in the
+        # [O1.3] benchmark 22.4k tokens/s either way, train RSS 1.42x the floor without it
+        # against 1.50x with it (BENCHMARKS.md)
+        it = iter(batches(start)) if self.device.type == "cpu" else prefetch(batches(start), depth=1)
         for step in range(start, self.steps):
             batch = self.parallel.exchange(next(it), step, to_owners=self.objective is None)
             clean = None if self.objective is None else self.objective.clean(batch, step)
