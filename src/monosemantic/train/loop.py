@@ -254,7 +254,8 @@ class Trainer:
                                for k, v in last.items()}, step=step)
             if (step + 1) % self.specs[0].config.checkpoint_every == 0 and step + 1 < self.steps:
                 self.save_checkpoint(step + 1)
-        it.close()
+        if hasattr(it, "close"):  # a generator (the read-ahead's, or the caller's): finish it
+            it.close()
         bar.close()
         if wandb is not None:
             wandb.finish()
