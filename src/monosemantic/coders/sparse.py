@@ -301,11 +301,12 @@ class TopKSelection(Selection):
         vals, pos = exact.topk(self.k, dim=1, sorted=False)
         idx = cand.gather(1, pos)
         low, kth = approx.amin(dim=1), vals.amin(dim=1)
-        # the GEMM's error; the fp32 roundings of adding the bias (2^-20 of the magnitudes) and
-        # of centring (2^-22 of the parts' norms)
-        slack = 0.0 if centre is None else 2.0 ** -22 * w_max * (
-            abs(alpha) * torch.linalg.vector_norm(x, dim=1) + float(torch.linalg.vector_norm(centre[0])))
-        reach = low + screen_error(x.shape[1]) * w_max * norms + 2.0 ** -20 * (low.abs() + kth.abs()) + slack
+        # the GEMM's error; the fp32 roundings of the exact values' dots (in the folded form, D x
+        # 2^-23 of the parts' norms), of centring, and of adding the bias (2^-20 of the values)
+        d = x.shape[1]
+        slack = d * 2.0 ** -23 * w_max * (abs(alpha) * torch.linalg.vector_norm(x, dim=1)
+                                         + (0.0 if centre is None else float(torch.linalg.vector_norm(centre[0]))))
+        reach = low + screen_error(d) * w_max * norms + 2.0 ** -20 * (low.abs() + kth.abs()) + slack
         redo = (reach >= kth).nonzero().flatten()
         if 0 < len(redo) <= SCREEN_FEW:  # a few rows: all their dots, no BLAS packing buffer
             full = torch.arange(n, dtype=torch.int64).repeat(len(redo))
