@@ -5,9 +5,12 @@
                                    "exclude": [ids], "out": folder, "threads": 2}'
 
 `tokens` holds [N, ctx] int token ids (BOS-led contexts, packed by monosemantic as its own cache
-does); `exclude` are the special-token ids both implementations leave out of training. sparsify
-hooks the hookpoint during a forward of the whole model (every layer runs), optimizer Adam with
-its automatic LR. Reports the wall time of `Trainer.fit` and the tokens it trained on.
+does); `exclude` are the special-token ids both implementations leave out of training. The model
+is loaded as sparsify's own CLI loads it for its default loss, FVU (`sparsify.__main__.
+load_artifacts`): `AutoModel`, the decoder without the language-model head, in the checkpoint's
+dtype (float32; bf16 is chosen there only on CUDA). sparsify hooks the hookpoint during a forward
+of the whole decoder (every layer runs), optimizer Adam with its automatic LR. Reports the wall
+time of `Trainer.fit` and the tokens it trained on.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ def main() -> None:
     torch.set_num_threads(int(a["threads"]))
     from datasets import Dataset
     from sparsify import SaeConfig, Trainer, TrainConfig
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel
 
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=torch.float32)
+    model = AutoModel.from_pretrained(a["model"], dtype=torch.float32)
     tokens = np.load(a["tokens"])
     data = Dataset.from_dict({"input_ids": tokens.tolist()}).with_format("torch")
     cfg = TrainConfig(SaeConfig(num_latents=a["n_features"], k=a["k"]), batch_size=a["batch_contexts"],
