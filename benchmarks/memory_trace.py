@@ -10,6 +10,7 @@ sums the storage of every live tensor (gc), which is what the allocator cannot g
 
     python benchmarks/memory_trace.py                                 # default allocator settings
     MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/memory_trace.py   # glibc: large blocks unmapped
+    python benchmarks/memory_trace.py --keep-freed                    # glibc as the CLI sets it
 
 `--steps 122` trains over the whole 500k-token cache, one epoch as the table's quality runs do:
 a feature then counts as dead after a tenth of the run (`TrainConfig`'s default, 49,971 tokens),
@@ -77,9 +78,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-freed", action="store_true",
+                   help="glibc's policy as the command-line tool sets it (utils.keep_freed_memory)")
     p.add_argument("--out", default="", help="write the phases as JSON here")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed:
+        from monosemantic.utils import keep_freed_memory
+        print(f"keep_freed_memory: {keep_freed_memory()}")
     folder = Path(args.cache) if args.cache else next(
         (cache_dir() / "activations").glob("smollm2-135m-wiki-vital-train-*"))
     cache = ActivationCache(folder)

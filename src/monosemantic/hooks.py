@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -121,11 +122,20 @@ def _register(model: nn.Module, hookpoint: str, fn: Callable[[Tensor], Tensor | 
 
 @contextmanager
 def hooks(model: nn.Module, fns: dict[str, Callable[[Tensor], Tensor | None]]) -> Iterator[None]:
-    """Register one function per hookpoint for the duration of the block; always removed."""
+    """Register one function per hookpoint for the duration of the block; always removed.
+
+    The functions act only on forward passes run by the thread that registered them, so that
+    threads can run the same model at once, each with its own hooks (the CPU harvest's
+    streams, `data.activations.harvest_batch`)."""
+    owner = threading.get_ident()
+
+    def own(fn: Callable[[Tensor], Tensor | None]) -> Callable[[Tensor], Tensor | None]:
+        return lambda t: fn(t) if threading.get_ident() == owner else None
+
     handles = []
     try:
         for hookpoint, fn in fns.items():
-            handles.append(_register(model, hookpoint, fn))
+            handles.append(_register(model, hookpoint, own(fn)))
         yield
     finally:
         for h in handles:

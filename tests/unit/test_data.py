@@ -137,3 +137,30 @@ def test_cpu_harvest_splits_a_batch_into_passes_of_at_most_cpu_forward_tokens(lm
     for a, b in zip(whole, split):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.coords, b.coords)
         torch.testing.assert_close(a.acts[h], b.acts[h], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_harvest_streams_give_the_single_streams_chunks(lm, family, documents, monkeypatch, dtype):
+    """With 2 threads a CPU batch runs as 2 side-by-side single-thread streams (cpu_streams): the
+    same tokens and coordinates, the same activations (autocast and no-grad reach the stream
+    threads), and torch's thread count restored afterwards."""
+    from monosemantic.data import activations
+
+    h = LAYER[family].format(1)
+    monkeypatch.setattr(activations, "CPU_FORWARD_TOKENS", 32)  # passes of 2 contexts of 16
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert activations.cpu_streams(5) == 2 and activations.cpu_streams(1) == 1
+        streamed = list(harvest(lm.model, lm.tokenizer, documents, [h], 16, 0, 5, [0], forward_dtype=dtype))
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("MONOSEMANTIC_FORWARD_STREAMS", "0")
+        assert activations.cpu_streams(5) == 1
+        single = list(harvest(lm.model, lm.tokenizer, documents, [h], 16, 0, 5, [0], forward_dtype=dtype))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(streamed) == len(single) > 1
+    for a, b in zip(streamed, single):
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.coords, b.coords)
+        torch.testing.assert_close(a.acts[h], b.acts[h], rtol=1e-5, atol=1e-6)
+        assert not a.acts[h].requires_grad

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DOWN_PROJ, LAYER
-from monosemantic.hooks import (capture, hookpoint_widths, patch, resolve_hookpoints,
+from monosemantic.hooks import (StopForward, capture, hookpoint_widths, patch, resolve_hookpoints,
                                 run_to_hookpoints)
 
 
@@ -136,3 +136,24 @@ def test_containers_are_not_hookpoints(llama):
     assert "model.layers" not in resolve_hookpoints(llama.model, "model.*")
     with pytest.raises(ValueError, match=r"model\.layers\.0"):
         resolve_hookpoints(llama.model, "model.layers")
+
+
+@torch.no_grad()
+def test_hooks_act_only_on_the_registering_threads_forward(lm, family):
+    """Two threads can run one model at once, each with its own hooks (the CPU harvest's streams):
+    a hook ignores forward passes of other threads, so neither records nor stops them."""
+    import threading
+
+    model, layer = lm.model, LAYER[family].format(1)
+    x, y = ids(0), ids(1)
+    with capture(model, [layer], stop=True) as mine:
+        other = {}
+        t = threading.Thread(target=lambda: other.update(run_to_hookpoints(model, y, [layer])))
+        t.start()
+        t.join()
+        assert mine == {} and layer in other  # the other pass went by this thread's hooks, whole
+        with pytest.raises(StopForward):  # this thread's own hooks do fire
+            model(input_ids=x)
+    assert n_hooks(model) == 0
+    torch.testing.assert_close(mine[layer], run_to_hookpoints(model, x, [layer])[layer])
+    torch.testing.assert_close(other[layer], run_to_hookpoints(model, y, [layer])[layer])
