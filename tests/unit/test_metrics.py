@@ -88,6 +88,29 @@ def test_next_token_ce_and_kl_by_hand():
     assert only0.mean == pytest.approx(expect, abs=1e-6)
 
 
+def test_ce_and_kl_agree_with_torch_over_many_row_blocks():
+    """The blockwise logsumexp forms give F.cross_entropy's and F.kl_div's values: more positions
+    than one block (LOGIT_ROWS), a random mask, logits large enough to need the max shift."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 3, 50, 97
+    lg = 30 * torch.randn(B, T, V, generator=g)
+    patched = lg + 3 * torch.randn(B, T, V, generator=g)
+    tok = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    assert B * T > M.LOGIT_ROWS
+    keep = mask[:, :-1]
+    ce = M.next_token_ce(lg, tok, mask)
+    ref = F.cross_entropy(lg[:, :-1][keep].double(), tok[:, 1:][keep], reduction="sum")
+    assert ce.count == int(keep.sum()) and ce.total == pytest.approx(float(ref), rel=1e-5)
+    kl = M.kl_divergence(lg, patched, mask)
+    ref = F.kl_div(F.log_softmax(patched[mask].double(), -1), F.log_softmax(lg[mask].double(), -1),
+                   log_target=True, reduction="sum")
+    assert kl.count == int(mask.sum()) and kl.total == pytest.approx(float(ref), rel=1e-4)
+    assert M.kl_divergence(lg, lg).total == pytest.approx(0.0, abs=1e-3)
+
+
 def test_sum_counts_add_exactly_over_batches():
     g = torch.Generator().manual_seed(0)
     lg, tok = torch.randn(5, 6, 7, generator=g), torch.randint(0, 7, (5, 6), generator=g)
