@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F_
 
 from monosemantic.utils import atomic_write_bytes
 
