@@ -99,6 +99,30 @@ def test_coders_evaluated_together_equal_each_alone(llama, documents):
     assert together["a"].kl_zero > 0
 
 
+def test_evaluation_in_cpu_streams_equals_one_stream(llama, documents, monkeypatch):
+    """With 2 threads each batch's contexts are evaluated as 2 side-by-side streams (their CE and
+    KL sums added, their activations scored in turn): the same results as one stream."""
+    coders = {"a": _random_sae(0), "id": _identity()}
+    kw = dict(ctx_len=32, batch_size=4, exclude_ids=special_token_ids(llama.tokenizer), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        streamed = evaluate_coders(llama, coders, documents, 200, **kw)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("MONOSEMANTIC_FORWARD_STREAMS", "0")
+        single = evaluate_coders(llama, coders, documents, 200, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    for name in coders:
+        a, b = streamed[name], single[name]
+        assert a.n_tokens == b.n_tokens == 200
+        for key in ("ce_clean", "ce_spliced", "ce_zero", "kl", "kl_zero"):
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5, abs=1e-7), (name, key)
+        assert a.recon.fvu == pytest.approx(b.recon.fvu, rel=1e-5)
+        assert a.recon.l0 == pytest.approx(b.recon.l0, rel=1e-6)
+    assert streamed["a"].kl > 0
+
+
 def test_refit_removes_shrinkage_and_folds_exactly():
     torch.manual_seed(0)
     d, f = 16, 32

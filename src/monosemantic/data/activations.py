@@ -15,7 +15,7 @@ import functools
 import os
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -91,6 +91,22 @@ def _stream_pool(n: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(n, thread_name_prefix="monosemantic-forward")
 
 
+def in_cpu_streams(fn: Callable, groups: list) -> list:
+    """[fn(g) for g in groups], run side by side on len(groups) threads with one torch thread each;
+    torch's thread count is 1 while they run and restored after, and every call has finished (or
+    failed) before this returns or raises. Grad mode and autocast are per thread: `fn` sets what
+    it needs."""
+    threads = torch.get_num_threads()
+    # a stream thread takes torch's count at its first op, and is only ever used while it is 1
+    torch.set_num_threads(1)
+    try:
+        done = [_stream_pool(len(groups)).submit(fn, g) for g in groups]
+        wait(done)
+        return [f.result() for f in done]
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _forward_passes(model, tokens: Tensor, hookpoints: list[str], rows: int, device,
                     forward_dtype: str) -> list[dict[str, Tensor]]:
     """run_to_hookpoints over `tokens` `rows` contexts at a time (autocast and no-grad set here:
@@ -124,19 +140,9 @@ def harvest_batch(model, tokens: Tensor, hookpoints: list[str], exclude_ids: lis
         if streams == 1:
             parts = _forward_passes(model, tokens, hookpoints, rows, device, forward_dtype)
         else:
-            groups = torch.tensor_split(tokens, streams)
-            threads = torch.get_num_threads()
-            # one thread per stream: each op runs on its stream's thread (a stream thread takes
-            # torch's count at its first op, and is only ever used while it is 1)
-            torch.set_num_threads(1)
-            try:
-                pool = _stream_pool(streams)
-                done = [pool.submit(_forward_passes, model, g, hookpoints, rows, device, forward_dtype)
-                        for g in groups]
-                wait(done)  # every stream finished (or failed) before this returns or raises
-                parts = [p for f in done for p in f.result()]
-            finally:
-                torch.set_num_threads(threads)
+            parts = [p for ps in in_cpu_streams(
+                lambda g: _forward_passes(model, g, hookpoints, rows, device, forward_dtype),
+                list(torch.tensor_split(tokens, streams))) for p in ps]
     acts = parts[0] if len(parts) == 1 else {h: torch.cat([p[h] for p in parts]) for h in hookpoints}
     mask = keep_mask(tokens, exclude_ids)
     flat_mask = mask.reshape(-1).to(device)

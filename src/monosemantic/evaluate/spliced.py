@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..coders import SparseCoder
-from ..data.activations import batched_contexts
+from ..data.activations import batched_contexts, cpu_streams, in_cpu_streams
 from ..data.tokens import keep_mask
 from ..hooks import capture, patch
 from ..metrics import (DimensionShare, ReconstructionMetrics, ReconstructionStats, SumCount, ce_loss_recovered,
@@ -81,6 +81,35 @@ def _splice(coder: SparseCoder, mask: Tensor, store: dict, mode: str):
     return {hp_out: write_output} if hp_in == hp_out else {hp_in: read_input, hp_out: write_output}
 
 
+def _losses(model, coders: dict[str, SparseCoder], tokens: Tensor, mask: Tensor, needed: list[str],
+            spliced: bool) -> tuple[dict[str, Tensor], dict[str, dict[str, SumCount]]]:
+    """One group of contexts: the hookpoints the coders read and write (clean forward) and each
+    coder's CE and KL sums (clean; spliced and zero-ablated unless `spliced` is False). No grad
+    (set here: a stream thread has its own grad mode)."""
+    with torch.no_grad():
+        with capture(model, needed) as acts:
+            clean = model(input_ids=tokens, use_cache=False).logits
+        ce_clean = next_token_ce(clean, tokens, mask)
+        losses: dict[str, dict[str, SumCount]] = {}
+        zeroed = {}  # output hookpoint -> (CE, KL) of its zero ablation: one forward per hookpoint
+        for name, coder in coders.items():
+            c = losses[name] = {"clean": ce_clean}
+            if not spliced:
+                continue
+            hp_out = _hookpoints(coder)[1]
+            with patch(model, _splice(coder, mask, {}, "coder")):
+                logits = model(input_ids=tokens, use_cache=False).logits
+            c["spliced"], c["kl"] = next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask)
+            del logits
+            if hp_out not in zeroed:  # the same for every coder writing there
+                with patch(model, _splice(coder, mask, {}, "zero")):
+                    logits = model(input_ids=tokens, use_cache=False).logits
+                zeroed[hp_out] = (next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask))
+                del logits
+            c["zero"], c["kl_zero"] = zeroed[hp_out]
+    return acts, losses
+
+
 @torch.no_grad()
 def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_tokens: int,
                     ctx_len: int = 256, batch_size: int = 8, exclude_ids: list[int] | None = None,
@@ -115,31 +144,21 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
             flat[flat.nonzero(as_tuple=True)[0][room:]] = False
             mask = flat.view_as(mask)
         mask = mask.to(device)
-        with capture(model, needed) as acts:
-            clean = model(input_ids=tokens, use_cache=False).logits
-        ce_clean = next_token_ce(clean, tokens, mask)
-        zeroed = {}  # output hookpoint -> (CE, KL) of its zero ablation: one forward per hookpoint
-        for name, coder in coders.items():
-            hp_in, hp_out = _hookpoints(coder)
-            x, y = acts[hp_in][mask], acts[hp_out][mask]
-            out = coder(x.to(coder.dtype))
-            limit = outlier_norms.get(name, 0.0)
-            outliers = x.norm(dim=-1) > limit if limit > 0 else None
-            stats[name].update(out.out.float(), y.float(), out.acts, outlier_mask=outliers)
-            c = ce[name]
-            c["clean"] = c["clean"] + ce_clean
-            if not spliced:
-                continue
-            with patch(model, _splice(coder, mask, {}, "coder")):
-                logits = model(input_ids=tokens, use_cache=False).logits
-            c["spliced"] = c["spliced"] + next_token_ce(logits, tokens, mask)
-            c["kl"] = c["kl"] + kl_divergence(clean, logits, mask)
-            if hp_out not in zeroed:  # the same for every coder writing there
-                with patch(model, _splice(coder, mask, {}, "zero")):
-                    logits = model(input_ids=tokens, use_cache=False).logits
-                zeroed[hp_out] = (next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask))
-            c["zero"] = c["zero"] + zeroed[hp_out][0]
-            c["kl_zero"] = c["kl_zero"] + zeroed[hp_out][1]
+        # on the CPU, side-by-side streams of contexts (data.activations.cpu_streams)
+        streams = cpu_streams(len(tokens)) if device.type == "cpu" else 1
+        groups = list(zip(torch.tensor_split(tokens, streams), torch.tensor_split(mask, streams)))
+        run = lambda g: _losses(model, coders, g[0], g[1], needed, spliced)  # noqa: E731
+        parts = [run(groups[0])] if streams == 1 else in_cpu_streams(run, groups)
+        for (acts, losses), (_, m) in zip(parts, groups):
+            for name, coder in coders.items():
+                hp_in, hp_out = _hookpoints(coder)
+                x, y = acts[hp_in][m], acts[hp_out][m]
+                out = coder(x.to(coder.dtype))
+                limit = outlier_norms.get(name, 0.0)
+                outliers = x.norm(dim=-1) > limit if limit > 0 else None
+                stats[name].update(out.out.float(), y.float(), out.acts, outlier_mask=outliers)
+                for key, value in losses[name].items():
+                    ce[name][key] = ce[name][key] + value
         kept = int(mask.sum())
         seen += kept
         bar.update(kept)
