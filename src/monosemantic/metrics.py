@@ -247,13 +247,12 @@ def next_token_ce(logits: torch.Tensor, tokens: torch.Tensor,
     rows = _counted_rows(tokens.shape, m, last=False, device=logits.device)
     flat = logits.reshape(-1, logits.shape[-1])
     targets = tokens.to(logits.device).long().roll(-1, dims=1).reshape(-1)  # tokens[:, t + 1]
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     for i in range(0, len(rows), LOGIT_ROWS):
         r = rows[i:i + LOGIT_ROWS]
         x = flat.index_select(0, r).float()
-        nll = torch.logsumexp(x, -1) - x.gather(1, targets[r, None]).squeeze(1)
-        total += float(nll.double().sum())
-    return SumCount(total, len(rows))
+        total += (torch.logsumexp(x, -1) - x.gather(1, targets[r, None]).squeeze(1)).double().sum()
+    return SumCount(float(total), len(rows))
 
 
 def kl_divergence(clean_logits: torch.Tensor, patched_logits: torch.Tensor,
@@ -269,15 +268,14 @@ def kl_divergence(clean_logits: torch.Tensor, patched_logits: torch.Tensor,
     rows = _counted_rows(clean_logits.shape[:-1], m, last=True, device=clean_logits.device)
     fc = clean_logits.reshape(-1, clean_logits.shape[-1])
     fq = patched_logits.reshape(-1, patched_logits.shape[-1])
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=clean_logits.device)
     for i in range(0, len(rows), LOGIT_ROWS):
         r = rows[i:i + LOGIT_ROWS]
-        c, q = fc.index_select(0, r).float(), fq.index_select(0, r).float()
+        c, q = fc.index_select(0, r).float(), fq.index_select(0, r).float()  # copies: ours to overwrite
         lse_c, lse_q = torch.logsumexp(c, -1), torch.logsumexp(q, -1)
         p = torch.sub(c, lse_c[:, None]).exp_()
-        kl = p.mul_(c.sub_(q)).sum(-1) - (lse_c - lse_q)
-        total += float(kl.double().sum())
-    return SumCount(total, len(rows))
+        total += (p.mul_(c.sub_(q)).sum(-1) - (lse_c - lse_q)).double().sum()
+    return SumCount(float(total), len(rows))
 
 
 def ce_loss_recovered(ce_clean: float, ce_patched: float, ce_zero: float) -> float:

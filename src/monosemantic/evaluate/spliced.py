@@ -99,12 +99,14 @@ def _losses(model, coders: dict[str, SparseCoder], tokens: Tensor, mask: Tensor,
             hp_out = _hookpoints(coder)[1]
             with patch(model, _splice(coder, mask, {}, "coder")):
                 logits = model(input_ids=tokens, use_cache=False).logits
-            c["spliced"], c["kl"] = next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask)
+            c["spliced"] = next_token_ce(logits, tokens, mask)
+            c["kl"] = kl_divergence(clean, logits, mask)
             del logits
             if hp_out not in zeroed:  # the same for every coder writing there
                 with patch(model, _splice(coder, mask, {}, "zero")):
                     logits = model(input_ids=tokens, use_cache=False).logits
-                zeroed[hp_out] = (next_token_ce(logits, tokens, mask), kl_divergence(clean, logits, mask))
+                zeroed[hp_out] = (next_token_ce(logits, tokens, mask),
+                                  kl_divergence(clean, logits, mask))
                 del logits
             c["zero"], c["kl_zero"] = zeroed[hp_out]
     return acts, losses
@@ -147,7 +149,9 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
         # on the CPU, side-by-side streams of contexts (data.activations.cpu_streams)
         streams = cpu_streams(len(tokens)) if device.type == "cpu" else 1
         groups = list(zip(torch.tensor_split(tokens, streams), torch.tensor_split(mask, streams)))
-        run = lambda g: _losses(model, coders, g[0], g[1], needed, spliced)  # noqa: E731
+
+        def run(group: tuple[Tensor, Tensor]):
+            return _losses(model, coders, *group, needed, spliced)
         parts = [run(groups[0])] if streams == 1 else in_cpu_streams(run, groups)
         for (acts, losses), (_, m) in zip(parts, groups):
             for name, coder in coders.items():
