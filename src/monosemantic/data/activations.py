@@ -95,7 +95,9 @@ def in_cpu_streams(fn: Callable, groups: list) -> list:
     """[fn(g) for g in groups], run side by side on len(groups) threads with one torch thread each;
     torch's thread count is 1 while they run and restored after, and every call has finished (or
     failed) before this returns or raises. Grad mode and autocast are per thread: `fn` sets what
-    it needs."""
+    it needs. One group runs here, on torch's threads."""
+    if len(groups) == 1:
+        return [fn(groups[0])]
     threads = torch.get_num_threads()
     # a stream thread takes torch's count at its first op, and is only ever used while it is 1
     torch.set_num_threads(1)
@@ -136,13 +138,10 @@ def harvest_batch(model, tokens: Tensor, hookpoints: list[str], exclude_ids: lis
         parts = _forward_passes(model, tokens, hookpoints, len(tokens), device, forward_dtype)
     else:
         rows = max(1, CPU_FORWARD_TOKENS // tokens.shape[1])
-        streams = cpu_streams(len(tokens))
-        if streams == 1:
-            parts = _forward_passes(model, tokens, hookpoints, rows, device, forward_dtype)
-        else:
-            parts = [p for ps in in_cpu_streams(
-                lambda g: _forward_passes(model, g, hookpoints, rows, device, forward_dtype),
-                list(torch.tensor_split(tokens, streams))) for p in ps]
+        groups = list(torch.tensor_split(tokens, cpu_streams(len(tokens))))
+        parts = [p for ps in in_cpu_streams(
+            lambda g: _forward_passes(model, g, hookpoints, rows, device, forward_dtype), groups)
+            for p in ps]
     acts = parts[0] if len(parts) == 1 else {h: torch.cat([p[h] for p in parts]) for h in hookpoints}
     mask = keep_mask(tokens, exclude_ids)
     flat_mask = mask.reshape(-1).to(device)

@@ -152,7 +152,7 @@ def evaluate_coders(lm, coders: dict[str, SparseCoder], documents: list[str], n_
 
         def run(group: tuple[Tensor, Tensor]):
             return _losses(model, coders, *group, needed, spliced)
-        parts = [run(groups[0])] if streams == 1 else in_cpu_streams(run, groups)
+        parts = in_cpu_streams(run, groups)
         for (acts, losses), (_, m) in zip(parts, groups):
             for name, coder in coders.items():
                 hp_in, hp_out = _hookpoints(coder)
