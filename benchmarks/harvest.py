@@ -17,8 +17,15 @@ and the table gives what the rounding costs: C's activations against A's over th
 as relative error and as an FVU (squared error over A's total variance, the unit a sparse coder's
 reconstruction is scored in), plus a GEMM probe in fp32 and bf16 (AMX shows as bf16 >> fp32).
 
+With --compile another pipeline joins them:
+  D  ours, layers compiled   `build_cache` on a second copy of the model whose decoder layers up
+                             to the hookpoint are each `torch.compile`d (inductor, static shapes)
+and the table gives its first batch's time (the compile; with --cold-compile in an empty inductor
+cache, else in the user's, warm from an earlier run) and its activations against A's.
+
     python benchmarks/harvest.py --tokens 16384 --rounds 3
     python benchmarks/harvest.py --tokens 16384 --rounds 3 --bf16
+    python benchmarks/harvest.py --tokens 16384 --rounds 4 --compile [--cold-compile]
 """
 
 from __future__ import annotations
@@ -57,7 +64,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--bf16", action="store_true",
                    help="also build_cache with forward_dtype=bfloat16, and its activation error")
+    p.add_argument("--compile", action="store_true",
+                   help="also build_cache on a model whose decoder layers are torch.compile'd")
+    p.add_argument("--cold-compile", action="store_true",
+                   help="with --compile: compile in an empty inductor cache (a temp folder)")
     args = p.parse_args()
+    if args.cold_compile:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -87,11 +100,11 @@ def main() -> None:
 
     kept_acts: dict[str, torch.Tensor] = {}  # the last round's activations, by forward dtype
 
-    def run_ours(req):
+    def run_ours(req, model=lm, key=""):
         with tempfile.TemporaryDirectory() as tmp:
-            cache = build_cache(lm, docs, req, f"{tmp}/cache", progress=False)
+            cache = build_cache(model, docs, req, f"{tmp}/cache", progress=False)
             assert len(cache) == req.n_tokens
-            kept_acts[req.forward_dtype] = cache.read(hookpoint, 0, len(cache)).clone()
+            kept_acts[key or req.forward_dtype] = cache.read(hookpoint, 0, len(cache)).clone()
 
     warm = CacheRequest(**{**request.__dict__, "n_tokens": 100})
     run_ours(warm)
@@ -104,6 +117,15 @@ def main() -> None:
         bf16 = CacheRequest(**{**request.__dict__, "forward_dtype": "bfloat16"})
         run_ours(CacheRequest(**{**bf16.__dict__, "n_tokens": 100}))
         pipelines["ours, bf16 forward"] = lambda: run_ours(bf16)
+    if args.compile:
+        compiled = load_model("smollm2-135m")
+        for layer in list(compiled.model.model.layers)[:args.layer + 1]:
+            layer.compile(dynamic=False)
+        first = CacheRequest(**{**request.__dict__, "n_tokens": 100})
+        start = time.perf_counter()
+        run_ours(first, compiled, "compiled")
+        compile_s = time.perf_counter() - start
+        pipelines["ours, layers compiled"] = lambda: run_ours(request, compiled, "compiled")
     speed: dict[str, list[float]] = {name: [] for name in pipelines}
     print(f"smollm2-135m {hookpoint}, wiki-vital, {n_ctx} contexts x {t} = {n_tok} tokens/round "
           f"({kept} kept), batch {b}, {torch.get_num_threads()} torch threads, "
@@ -119,6 +141,13 @@ def main() -> None:
         print(f"| {name} | {statistics.median(xs):.1f} | {', '.join(f'{x:.1f}' for x in xs)} |")
     ours, bare_ = (statistics.median(xs) for xs in list(speed.values())[:2])
     print(f"\nratio ours / bare = {ours / bare_:.3f} (target >= 0.9)")
+    if args.compile:
+        exact, other = kept_acts["float32"], kept_acts["compiled"]
+        where = "an empty" if args.cold_compile else "the user's"
+        print(f"ratio compiled / eager = {statistics.median(speed['ours, layers compiled']) / ours:.3f}; "
+              f"first batch (compiling) {compile_s:.1f} s "
+              f"({where} inductor cache); activations "
+              f"against eager: relative error {((other - exact).norm() / exact.norm()).item():.2e}")
     if args.bf16:
         exact, rounded = kept_acts["float32"], kept_acts["bfloat16"]
         err = (rounded - exact).pow(2).sum()
