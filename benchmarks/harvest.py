@@ -31,8 +31,10 @@ cache, else in the user's, warm from an earlier run) and its activations against
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -69,8 +71,9 @@ def main() -> None:
     p.add_argument("--cold-compile", action="store_true",
                    help="with --compile: compile in an empty inductor cache (a temp folder)")
     args = p.parse_args()
-    if args.cold_compile:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    if args.cold_compile:  # an empty inductor cache, removed at exit
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold = tempfile.mkdtemp(prefix="inductor-")
+        atexit.register(shutil.rmtree, cold, ignore_errors=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
